@@ -1,0 +1,177 @@
+"""The `musiclm` command: one list of subcommands, each a thin wrapper over a library function.
+
+Ray entry points live in `ray_jobs/` and training in `launch/train.py`; everything a user runs
+by hand on one machine is here. Heavy modules are imported inside each handler so `musiclm --help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+# --- demo corpus -----------------------------------------------------------------------------
+
+
+def _demo_corpus(args: argparse.Namespace) -> int:
+    from musiclm.data.demo_corpus import generate_corpus, plot_spectrograms
+
+    summary = generate_corpus(
+        args.out, clips=args.clips, seed=args.seed, seconds=args.seconds, workers=args.workers
+    )
+    if args.spectrograms:
+        plot_spectrograms(f"{args.out}/manifest.jsonl", args.spectrograms)
+        summary["spectrograms"] = args.spectrograms
+    _print_json(summary)
+    return 0
+
+
+# --- manifests -------------------------------------------------------------------------------
+
+
+def _manifest_from_csv(args: argparse.Namespace) -> int:
+    from musiclm.data.manifest import from_csv
+
+    result = from_csv(
+        args.csv,
+        args.out,
+        audio_dir=args.audio_dir,
+        audio_column=args.audio_column,
+        caption_column=args.caption_column,
+        id_column=args.id_column,
+    )
+    _print_json(result if isinstance(result, dict) else {"clips": result, "manifest": args.out})
+    return 0
+
+
+def _manifest_check(args: argparse.Namespace) -> int:
+    from musiclm.data.manifest import check_manifest
+
+    _print_json(check_manifest(args.manifest, check_audio=not args.no_audio))
+    return 0
+
+
+# --- shards ----------------------------------------------------------------------------------
+
+
+def _shards_inspect(args: argparse.Namespace) -> int:
+    from musiclm.data.shards import inspect
+
+    _print_json(inspect(args.dir))
+    return 0
+
+
+def _shards_verify(args: argparse.Namespace) -> int:
+    from musiclm.data.shards import ShardError, verify
+
+    try:
+        report = verify(args.dir)
+    except ShardError as err:
+        print(f"verify failed: {err}", file=sys.stderr)
+        return 1
+    _print_json(report)
+    return 0
+
+
+# --- training outputs ------------------------------------------------------------------------
+
+
+def _export(args: argparse.Namespace) -> int:
+    from musiclm.train.export import export
+
+    _print_json(export(args.run_dir, args.out, tag=args.tag))
+    return 0
+
+
+# --- benchmarks ------------------------------------------------------------------------------
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"musiclm.bench.{args.part}")
+    extra = dict(kv.split("=", 1) for kv in args.set)
+    result = module.run(**{k: _parse_value(v) for k, v in extra.items()})
+    _print_json(result)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    return 0
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+# --- the one list ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="musiclm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help: str, parent=sub):
+        p = parent.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("demo-corpus", _demo_corpus, "synthesise the rap-instrumental demo corpus + manifest")
+    p.add_argument("--out", default="data/rapbeats")
+    p.add_argument("--clips", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--spectrograms", default=None, help="also write a PNG grid of spectrograms")
+
+    man = sub.add_parser("manifest", help="build or validate a manifest.jsonl")
+    man_sub = man.add_subparsers(dest="manifest_command", required=True)
+    p = add("from-csv", _manifest_from_csv, "manifest.jsonl from a CSV of files and captions "
+            "(or MusicCaps ytid,start_s,end_s,caption with --audio-dir)", man_sub)
+    p.add_argument("csv")
+    p.add_argument("--out", required=True)
+    p.add_argument("--audio-dir", default=None)
+    p.add_argument("--audio-column", default=None)
+    p.add_argument("--caption-column", default="caption")
+    p.add_argument("--id-column", default=None)
+    p = add("check", _manifest_check, "validate a manifest (errors name file, line and field)",
+            man_sub)
+    p.add_argument("manifest")
+    p.add_argument("--no-audio", action="store_true", help="skip checking the audio files")
+
+    sh = sub.add_parser("shards", help="look at token or audio shards")
+    sh_sub = sh.add_subparsers(dest="shards_command", required=True)
+    p = add("inspect", _shards_inspect, "summary of a shard folder as JSON", sh_sub)
+    p.add_argument("dir")
+    p = add("verify", _shards_verify, "read every sample; fail naming shard and key", sh_sub)
+    p.add_argument("dir")
+
+    p = add("export", _export, "consolidated safetensors + config from a training run")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+
+    p = add("bench", _bench, "benchmarks, printed as JSON")
+    p.add_argument("part", choices=["shards", "tokenize", "train", "lm", "scaling"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for the benchmark's run() (JSON values)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
