@@ -1,0 +1,31 @@
+"""Shared pytest fixtures.
+
+``moto_s3``: a real S3 endpoint for tests without network. One ``moto_server`` subprocess on a
+free 127.0.0.1 port per test session (started on first use, stopped at the end: only that
+process); each test gets a fresh bucket and the AWS_* environment pointing at the server.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    from musiclm.bench.shards import MotoServer
+
+    server = MotoServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def moto_s3(moto_server, monkeypatch) -> str:
+    """URL of a new, empty bucket (``s3://musiclm-<random>``) on the session's moto server."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in moto_server.env().items():
+        monkeypatch.setenv(name, value)
+    return moto_server.create_bucket()
