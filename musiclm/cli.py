@@ -39,23 +39,33 @@ def _demo_corpus(args: argparse.Namespace) -> int:
 def _manifest_from_csv(args: argparse.Namespace) -> int:
     from musiclm.data.manifest import from_csv
 
-    result = from_csv(
+    stats: dict = {}
+    written = from_csv(
         args.csv,
         args.out,
         audio_dir=args.audio_dir,
         audio_column=args.audio_column,
         caption_column=args.caption_column,
         id_column=args.id_column,
+        on_missing="error" if args.strict else "skip",
+        stats=stats,
     )
-    _print_json(result if isinstance(result, dict) else {"clips": result, "manifest": args.out})
+    _print_json({"manifest": args.out, "clips": written, **stats})
     return 0
 
 
 def _manifest_check(args: argparse.Namespace) -> int:
     from musiclm.data.manifest import check_manifest
 
-    _print_json(check_manifest(args.manifest, check_audio=not args.no_audio))
-    return 0
+    from musiclm.data.manifest import ManifestError
+
+    try:
+        report = check_manifest(args.manifest, check_audio=not args.no_audio)
+    except ManifestError as err:
+        print(f"manifest check failed: {err}", file=sys.stderr)
+        return 1
+    _print_json(report)
+    return 0 if report.get("ok", True) else 1
 
 
 # --- shards ----------------------------------------------------------------------------------
@@ -143,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio-column", default=None)
     p.add_argument("--caption-column", default="caption")
     p.add_argument("--id-column", default=None)
+    p.add_argument("--strict", action="store_true", help="fail on a missing audio file instead of skipping it")
     p = add("check", _manifest_check, "validate a manifest (errors name file, line and field)",
             man_sub)
     p.add_argument("manifest")
