@@ -1,0 +1,386 @@
+"""Residual vector quantization, shared by the codec and the MuLaN conditioning tokens.
+
+:class:`ResidualVQ` is an ``nn.Module`` whose codebooks are buffers:
+
+* ``fit(x)`` initialises them with k-means, level by level on the residuals of the levels before
+  (for the MuLaN quantizer this is the whole training);
+* ``encode`` / ``decode`` map ``[..., D]`` vectors to ``[..., levels]`` int64 codes and back
+  (``decode`` of the first ``k`` levels gives the coarser reconstruction);
+* ``forward(x)`` is the training path for a codec: straight-through quantized output, codes and
+  the commitment loss, with optional EMA codebook updates (``ema_decay``), averaged over ranks when
+  ``torch.distributed`` is initialised.
+
+When a level is fitted on fewer vectors than ``codebook_size`` the number of used codes is clipped
+to the number of vectors (``n_codes`` buffer) and a warning says so; ids stay in
+``[0, codebook_size)`` so vocabularies never change.
+
+:class:`MuLaNEmbedQuantizer` holds one ResidualVQ per namespace (semantic, coarse, fine by default),
+``levels`` tokens each (8 default, 12 in the paper preset), 1024 codes; ``encode(emb [N, D])`` gives
+int16 ``[N, namespaces, levels]`` -- the ``cond.npy`` layout. Saved as safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .codec.base import make_fingerprint, state_dict_sha256
+
+__all__ = ["MuLaNEmbedQuantizer", "QUANTIZER_PRESETS", "ResidualVQ", "kmeans"]
+
+QUANTIZER_PRESETS = {
+    "default": {"levels": 8, "codebook_size": 1024},
+    "paper": {"levels": 12, "codebook_size": 1024},
+}
+DEFAULT_NAMESPACES = ("semantic", "coarse", "fine")
+
+
+def kmeans(x: np.ndarray, k: int, seed: int = 0, max_iter: int = 100, minibatch_above: int = 20_000) -> np.ndarray:
+    """k-means centroids ``[k, D]`` of ``x [N, D]`` (N >= k): sklearn ``KMeans`` (k-means++), or
+    ``MiniBatchKMeans`` above ``minibatch_above`` rows."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    with warnings.catch_warnings():
+        # identical residuals (e.g. after a level that already fits every point) are fine
+        warnings.filterwarnings("ignore", message=".*Number of distinct clusters.*")
+        if x.shape[0] > minibatch_above:
+            km = MiniBatchKMeans(
+                n_clusters=k, random_state=seed, n_init=3, max_iter=max_iter, batch_size=4096, compute_labels=False
+            ).fit(x)
+        else:
+            km = KMeans(n_clusters=k, random_state=seed, n_init=1, max_iter=max_iter).fit(x)
+    return km.cluster_centers_.astype(np.float32)
+
+
+class ResidualVQ(nn.Module):
+    """Residual VQ with ``levels`` codebooks of ``codebook_size`` x ``dim`` (buffers).
+
+    Args:
+        dim: vector size D.
+        levels: number of residual levels.
+        codebook_size: codes per level.
+        ema_decay: if set, ``forward`` in training mode updates the codebooks with EMA k-means.
+        eps: Laplace smoothing for EMA cluster sizes.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        levels: int = 8,
+        codebook_size: int = 1024,
+        *,
+        ema_decay: float | None = None,
+        eps: float = 1e-5,
+    ):
+        super().__init__()
+        if dim < 1 or levels < 1 or codebook_size < 1:
+            raise ValueError("dim, levels and codebook_size must be >= 1")
+        self.dim = int(dim)
+        self.levels = int(levels)
+        self.codebook_size = int(codebook_size)
+        self.ema_decay = ema_decay
+        self.eps = eps
+        self.register_buffer("codebooks", torch.randn(levels, codebook_size, dim) * 0.02)
+        self.register_buffer("n_codes", torch.full((levels,), codebook_size, dtype=torch.long))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        if ema_decay is not None:
+            self.register_buffer("cluster_size", torch.ones(levels, codebook_size))
+            self.register_buffer("embed_sum", self.codebooks.clone())
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, levels={self.levels}, codebook_size={self.codebook_size}, ema_decay={self.ema_decay}"
+
+    def config(self) -> dict:
+        return {
+            "dim": self.dim,
+            "levels": self.levels,
+            "codebook_size": self.codebook_size,
+            "ema_decay": self.ema_decay,
+        }
+
+    # ------------------------------------------------------------------ fitting
+    @torch.no_grad()
+    def fit(
+        self,
+        x: torch.Tensor | np.ndarray,
+        seed: int = 0,
+        max_samples: int | None = 100_000,
+        max_iter: int = 100,
+    ) -> "ResidualVQ":
+        """k-means-initialise every level on the residuals of the levels before it.
+
+        ``x`` is ``[N, D]`` (or ``[..., D]``, flattened); at most ``max_samples`` random rows are used.
+        """
+        x = _to_tensor(x).float().reshape(-1, self.dim).cpu()
+        n = x.shape[0]
+        if n == 0:
+            raise ValueError("ResidualVQ.fit needs at least one vector")
+        if max_samples is not None and n > max_samples:
+            idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples]
+            x = x[idx]
+            n = max_samples
+        k = min(self.codebook_size, n)
+        if k < self.codebook_size:
+            warnings.warn(
+                f"ResidualVQ.fit: only {n} vectors for a codebook of {self.codebook_size}; using {k} codes per "
+                f"level (ids stay in [0, {self.codebook_size}))",
+                stacklevel=2,
+            )
+        device = self.codebooks.device
+        residual = x.clone()
+        for level in range(self.levels):
+            centroids = torch.from_numpy(kmeans(residual.numpy(), k, seed=seed + level, max_iter=max_iter))
+            book = torch.zeros(self.codebook_size, self.dim)
+            book[:k] = centroids
+            self.codebooks[level].copy_(book.to(device))
+            self.n_codes[level] = k
+            codes = self._nearest(residual.to(device), level).cpu()
+            residual = residual - centroids[codes]
+        if self.ema_decay is not None:
+            self.cluster_size.fill_(1.0)
+            self.embed_sum.copy_(self.codebooks)
+        self.fitted.fill_(True)
+        return self
+
+    # ------------------------------------------------------------------ coding
+    def _nearest(self, r: torch.Tensor, level: int) -> torch.Tensor:
+        k = int(self.n_codes[level])
+        book = self.codebooks[level, :k].to(r.dtype)
+        d = (book * book).sum(-1)[None, :] - 2.0 * r @ book.T
+        return d.argmin(-1)
+
+    def _encode_flat(self, x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = x
+        quantized = torch.zeros_like(x)
+        codes = []
+        for level in range(levels):
+            idx = self._nearest(residual, level)
+            q = self.codebooks[level].to(x.dtype)[idx]
+            residual = residual - q
+            quantized = quantized + q
+            codes.append(idx)
+        return torch.stack(codes, -1), quantized
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor | np.ndarray, levels: int | None = None) -> torch.Tensor:
+        """``[..., D]`` -> int64 ``[..., levels]``."""
+        levels = self.levels if levels is None else int(levels)
+        x = _to_tensor(x).float().to(self.codebooks.device)
+        shape = x.shape[:-1]
+        codes, _ = self._encode_flat(x.reshape(-1, self.dim), levels)
+        return codes.reshape(*shape, levels)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """int ``[..., L']`` (L' <= levels, first levels) -> float ``[..., D]`` (sum of the codewords)."""
+        codes = _to_tensor(codes).long().to(self.codebooks.device)
+        lv = codes.shape[-1]
+        if lv > self.levels:
+            raise ValueError(f"{lv} levels of codes for a {self.levels}-level quantizer")
+        out = torch.zeros(*codes.shape[:-1], self.dim, device=self.codebooks.device)
+        for level in range(lv):
+            out = out + self.codebooks[level][codes[..., level]]
+        return out
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training path: ``x [..., D]`` -> (straight-through quantized ``[..., D]``, codes ``[..., levels]``,
+        commitment loss = sum over levels of MSE(residual, codeword)). EMA-updates codebooks when
+        ``ema_decay`` is set and the module is training."""
+        shape = x.shape[:-1]
+        flat = x.reshape(-1, self.dim)
+        residual = flat
+        quantized = torch.zeros_like(flat)
+        codes = []
+        loss = flat.new_zeros(())
+        for level in range(self.levels):
+            r = residual.detach()
+            idx = self._nearest(r, level)
+            if self.training and self.ema_decay is not None:
+                self._ema_update(level, r, idx)
+            q = self.codebooks[level].to(flat.dtype)[idx]
+            loss = loss + F.mse_loss(residual, q.detach())
+            residual = residual - q.detach()
+            quantized = quantized + q
+            codes.append(idx)
+        out = flat + (quantized - flat).detach()
+        return out.reshape(*shape, self.dim), torch.stack(codes, -1).reshape(*shape, self.levels), loss
+
+    @torch.no_grad()
+    def _ema_update(self, level: int, r: torch.Tensor, idx: torch.Tensor) -> None:
+        onehot = F.one_hot(idx, self.codebook_size).to(torch.float32)
+        counts = onehot.sum(0)
+        sums = onehot.T @ r.float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+            torch.distributed.all_reduce(sums)
+        decay = float(self.ema_decay)
+        self.cluster_size[level].mul_(decay).add_(counts, alpha=1 - decay)
+        self.embed_sum[level].mul_(decay).add_(sums, alpha=1 - decay)
+        n = self.cluster_size[level].sum()
+        size = (self.cluster_size[level] + self.eps) / (n + self.codebook_size * self.eps) * n
+        self.codebooks[level].copy_(self.embed_sum[level] / size[:, None])
+        self.n_codes[level] = self.codebook_size
+
+    # ------------------------------------------------------------------ metrics
+    @torch.no_grad()
+    def reconstruction_cosine(self, x: torch.Tensor | np.ndarray, levels: int | None = None) -> float:
+        """Mean cosine similarity between ``x [N, D]`` and its reconstruction from ``levels`` levels."""
+        x = _to_tensor(x).float().reshape(-1, self.dim).to(self.codebooks.device)
+        y = self.decode(self.encode(x, levels))
+        return float(F.cosine_similarity(x, y, dim=-1).mean())
+
+
+def _to_tensor(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
+
+
+class MuLaNEmbedQuantizer(nn.Module):
+    """One :class:`ResidualVQ` per namespace over MuLaN embeddings -> conditioning tokens.
+
+    Args:
+        dim: embedding size D (128 for MuLaN, 512 for CLAP; any D works).
+        namespaces: token namespaces, one quantizer each (semantic, coarse, fine).
+        levels: tokens per namespace (8 default; 12 in the ``paper`` preset).
+        codebook_size: codes per level (1024).
+    """
+
+    name = "mulan_rvq"
+    kind = "quantizer"
+    CONFIG_FILE = "config.json"
+    WEIGHTS_FILE = "quantizer.safetensors"
+
+    def __init__(
+        self,
+        dim: int,
+        namespaces: Sequence[str] = DEFAULT_NAMESPACES,
+        levels: int = 8,
+        codebook_size: int = 1024,
+    ):
+        super().__init__()
+        namespaces = list(namespaces)
+        if not namespaces or len(set(namespaces)) != len(namespaces):
+            raise ValueError(f"namespaces must be a non-empty list of unique names, got {namespaces}")
+        if codebook_size - 1 > np.iinfo(np.int16).max:
+            raise ValueError("codebook_size must fit int16 ids (<= 32768)")
+        self.dim = int(dim)
+        self.namespaces = namespaces
+        self.levels = int(levels)
+        self.codebook_size = int(codebook_size)
+        self.rvq = nn.ModuleDict({ns: ResidualVQ(dim, levels, codebook_size) for ns in namespaces})
+        self.fitted_on = 0
+
+    @classmethod
+    def from_preset(cls, dim: int, preset: str = "default", **kwargs) -> "MuLaNEmbedQuantizer":
+        params = dict(QUANTIZER_PRESETS[preset])
+        params.update(kwargs)
+        return cls(dim, **params)
+
+    def config(self) -> dict:
+        return {
+            "type": self.name,
+            "dim": self.dim,
+            "namespaces": list(self.namespaces),
+            "levels": self.levels,
+            "codebook_size": self.codebook_size,
+        }
+
+    # ------------------------------------------------------------------ fitting / coding
+    def fit(self, emb: torch.Tensor | np.ndarray, seed: int = 0, max_samples: int | None = 100_000) -> "MuLaNEmbedQuantizer":
+        """Fit every namespace's RVQ on embeddings ``[N, D]`` (different seeds per namespace)."""
+        x = _to_tensor(emb).float().reshape(-1, self.dim)
+        for i, ns in enumerate(self.namespaces):
+            self.rvq[ns].fit(x, seed=seed + 1000 * i, max_samples=max_samples)
+        self.fitted_on = int(x.shape[0])
+        return self
+
+    @torch.no_grad()
+    def encode(self, emb: torch.Tensor | np.ndarray):
+        """``[N, D]`` (or ``[D]``) -> int16 ``[N, namespaces, levels]`` (``[namespaces, levels]`` for one
+        vector); numpy in -> numpy out, tensor in -> tensor out."""
+        is_np = not isinstance(emb, torch.Tensor)
+        x = _to_tensor(emb).float()
+        single = x.dim() == 1
+        x = x.reshape(-1, self.dim)
+        codes = torch.stack([self.rvq[ns].encode(x) for ns in self.namespaces], 1).to(torch.int16)
+        if single:
+            codes = codes[0]
+        return codes.cpu().numpy() if is_np else codes
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """int ``[N, namespaces, L']`` -> float ``[N, namespaces, D]``."""
+        c = _to_tensor(codes).long()
+        return torch.stack([self.rvq[ns].decode(c[..., i, :]) for i, ns in enumerate(self.namespaces)], -2)
+
+    def decode_namespace(self, codes: torch.Tensor | np.ndarray, namespace: str) -> torch.Tensor:
+        return self.rvq[namespace].decode(codes)
+
+    def reconstruction_cosine(self, x: torch.Tensor | np.ndarray, levels: int | None = None) -> dict[str, float]:
+        """Mean cosine(x, reconstruction) per namespace, plus ``"mean"``."""
+        out = {ns: self.rvq[ns].reconstruction_cosine(x, levels) for ns in self.namespaces}
+        out["mean"] = float(np.mean(list(out.values())))
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike) -> str:
+        """``directory/quantizer.safetensors`` (buffers) + ``directory/config.json``; returns directory."""
+        from safetensors.torch import save_file
+
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = os.path.join(directory, self.WEIGHTS_FILE + ".tmp")
+        save_file(state, tmp, metadata={"format": "musiclm-mulan-rvq"})
+        os.replace(tmp, os.path.join(directory, self.WEIGHTS_FILE))
+        cfg = dict(self.config(), fitted_on=self.fitted_on)
+        tmp = os.path.join(directory, self.CONFIG_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+        os.replace(tmp, os.path.join(directory, self.CONFIG_FILE))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "MuLaNEmbedQuantizer":
+        from safetensors.torch import load_file
+
+        directory = os.fspath(directory)
+        with open(os.path.join(directory, cls.CONFIG_FILE)) as f:
+            cfg = json.load(f)
+        q = cls(cfg["dim"], cfg["namespaces"], cfg["levels"], cfg["codebook_size"])
+        state = load_file(os.path.join(directory, cls.WEIGHTS_FILE))
+        q.load_state_dict(state, strict=True)
+        q.fitted_on = int(cfg.get("fitted_on", 0))
+        return q.to(device).eval()
+
+    @staticmethod
+    def exists(directory: str | os.PathLike | None) -> bool:
+        if not directory:
+            return False
+        d = os.fspath(directory)
+        return os.path.isfile(os.path.join(d, MuLaNEmbedQuantizer.CONFIG_FILE)) and os.path.isfile(
+            os.path.join(d, MuLaNEmbedQuantizer.WEIGHTS_FILE)
+        )
+
+    def fingerprint(self) -> dict:
+        """Fingerprint (hashes the current buffers on every call: cheap, never stale)."""
+        return make_fingerprint(
+            "quantizer",
+            self.name,
+            self.config(),
+            state_dict_sha256(self),
+            None,
+            namespaces=list(self.namespaces),
+            levels=self.levels,
+            codebook_size=self.codebook_size,
+        )
+

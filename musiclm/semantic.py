@@ -1,0 +1,534 @@
+"""Semantic tokenizer: frame features of a self-supervised audio model (or MFCC / log-mel) + k-means.
+
+Features (:class:`SemanticFeatures`):
+
+* ``type="hf"``: one hidden layer of a transformers audio model (w2v-BERT 2.0 =
+  ``facebook/w2v-bert-2.0``, HuBERT, MERT with ``trust_remote_code``), hub id or local directory,
+  preprocessed by the model's own feature extractor when it has one. ``layer=k`` is the output of
+  the k-th transformer block (1-based); blocks after it are dropped at load time (they cannot change
+  the features), which saves their compute. Native frames (50 Hz for HuBERT / w2v-BERT) are
+  average-pooled to ``rate`` Hz.
+* ``type="mfcc"`` / ``"logmel"``: ``torchaudio.transforms`` at 16 kHz, 25 ms windows, 10 ms hop,
+  average-pooled to ``rate`` Hz. No weights needed.
+
+Frame alignment: for ``T`` input samples at ``sample_rate`` there are exactly
+``T_s = T * rate // sample_rate`` frames (whole seconds -> ``seconds * rate``), whatever the model's
+native frame count; the native frames are adaptive-average-pooled onto that grid. 25 Hz on 16 kHz
+is a 640-sample hop, so semantic frames share the 40 ms grid with 75 Hz acoustic frames.
+
+:class:`SemanticTokenizer` maps each frame to its nearest k-means centroid;
+:func:`fit_kmeans` fits the centroids (sklearn ``MiniBatchKMeans``) on a stream of feature arrays;
+centroids are stored as safetensors (:func:`save_centroids` / :func:`load_centroids`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from .codec.base import (
+    canonical_json,
+    config_sha256,
+    dtype_name,
+    hf_config_dict,
+    make_fingerprint,
+    resolve_torch_dtype,
+    state_dict_sha256,
+)
+from .codec.base import as_batch
+
+__all__ = [
+    "SemanticFeatures",
+    "SemanticTokenizer",
+    "build_semantic",
+    "fit_kmeans",
+    "load_centroids",
+    "pool_frames",
+    "save_centroids",
+]
+
+FEATURE_TYPES = ("hf", "mfcc", "logmel")
+
+
+def pool_frames(frames: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Average-pool ``[B, N, C]`` native frames to ``[B, num_frames, C]`` (adaptive windows; with
+    fewer native frames than targets each target takes its nearest frames)."""
+    b, n, c = frames.shape
+    if num_frames == 0:
+        return frames.new_zeros(b, 0, c)
+    if n == 0:
+        raise ValueError("no native frames to pool (input too short for the feature model)")
+    if n == num_frames:
+        return frames
+    x = frames.transpose(1, 2).float()
+    x = torch.nn.functional.adaptive_avg_pool1d(x, num_frames)
+    return x.transpose(1, 2).to(frames.dtype)
+
+
+def _small_dict(d: Mapping[str, Any]) -> dict:
+    """Drop private keys and bulky arrays (mel filter banks, windows) from a preprocessor dict."""
+    out = {}
+    for k, v in d.items():
+        if k.startswith("_") or k in ("processor_class",):
+            continue
+        if isinstance(v, np.ndarray) or (isinstance(v, (list, tuple)) and len(v) > 64):
+            continue
+        out[k] = v
+    return json.loads(canonical_json(out))
+
+
+class SemanticFeatures:
+    """Frame features at ``rate`` Hz for the semantic tokenizer (lazy: loads on first use).
+
+    Args:
+        type: ``"hf"`` (transformers model), ``"mfcc"`` or ``"logmel"``.
+        model: hub id or local directory (``type="hf"`` only).
+        layer: transformer block whose output is used (1-based, ``type="hf"``).
+        rate: output frame rate in Hz (25 default).
+        sample_rate: input rate; for ``hf`` it comes from the model's feature extractor (16 kHz
+            default when it has none); 16 kHz for MFCC / log-mel unless given.
+        n_mfcc, n_mels: MFCC coefficients / mel bands for the torchaudio features.
+        dtype, device: for the HF model.
+        trust_remote_code: passed to transformers (MERT needs it).
+    """
+
+    kind = "semantic_features"
+
+    def __init__(
+        self,
+        type: str = "mfcc",
+        model: str | os.PathLike | None = None,
+        layer: int = 6,
+        rate: int = 25,
+        sample_rate: int | None = None,
+        n_mfcc: int = 20,
+        n_mels: int = 64,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        trust_remote_code: bool = False,
+    ):
+        if type not in FEATURE_TYPES:
+            raise ValueError(f"semantic feature type must be one of {FEATURE_TYPES}, got {type!r}")
+        if type == "hf" and not model:
+            raise ValueError("semantic features of type 'hf' need a model id or directory")
+        self.type = type
+        self.model_id = os.fspath(model) if model else None
+        self.layer = int(layer)
+        self.rate = int(rate)
+        self._sample_rate = int(sample_rate) if sample_rate else None
+        self.n_mfcc = int(n_mfcc)
+        self.n_mels = int(n_mels)
+        self.device = torch.device(device)
+        self.dtype = resolve_torch_dtype(dtype)
+        self.trust_remote_code = bool(trust_remote_code)
+        self._model = None
+        self._fe = None
+        self._fe_loaded = False
+        self._transform = None
+        self._captured: list[torch.Tensor] = []
+        self._use_hook = False
+        self._weights_sha: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], device: str | torch.device = "cpu") -> "SemanticFeatures":
+        cfg = dict(cfg)
+        cfg.setdefault("device", device)
+        return cls(**cfg)
+
+    # ------------------------------------------------------------------ rates
+    @property
+    def sample_rate(self) -> int:
+        if self.type == "hf":
+            fe = self.feature_extractor
+            if fe is not None and getattr(fe, "sampling_rate", None):
+                return int(fe.sampling_rate)
+            return self._sample_rate or 16_000
+        return self._sample_rate or 16_000
+
+    @property
+    def frame_rate(self) -> int:
+        return self.rate
+
+    def num_frames(self, num_samples: int) -> int:
+        """``num_samples * rate // sample_rate``: exact for whole seconds."""
+        return int(num_samples) * self.rate // self.sample_rate
+
+    @property
+    def dim(self) -> int:
+        if self.type == "mfcc":
+            return self.n_mfcc
+        if self.type == "logmel":
+            return self.n_mels
+        cfg = self.model.config
+        return int(cfg.hidden_size)
+
+    # ------------------------------------------------------------------ lazy loading
+    @property
+    def feature_extractor(self):
+        if self.type != "hf":
+            return None
+        if not self._fe_loaded:
+            from transformers import AutoFeatureExtractor
+
+            try:
+                self._fe = AutoFeatureExtractor.from_pretrained(
+                    self.model_id, trust_remote_code=self.trust_remote_code
+                )
+            except (OSError, ValueError, KeyError, TypeError):
+                self._fe = None  # raw waveform as input_values
+            self._fe_loaded = True
+        return self._fe
+
+    @property
+    def model(self):
+        if self.type != "hf":
+            return None
+        if self._model is None:
+            from transformers import AutoModel
+
+            model = AutoModel.from_pretrained(
+                self.model_id, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+            )
+            model.eval().requires_grad_(False)
+            self._truncate(model)
+            self._model = model.to(self.device)
+        return self._model
+
+    def _truncate(self, model) -> None:
+        """Keep blocks 1..layer, capture block ``layer``'s output with a forward hook."""
+        n_layers = getattr(model.config, "num_hidden_layers", None)
+        if n_layers is not None and not 1 <= self.layer <= n_layers:
+            raise ValueError(f"layer {self.layer} out of range 1..{n_layers} for {self.model_id}")
+        parent = None
+        enc = getattr(model, "encoder", None)
+        if enc is not None and isinstance(getattr(enc, "layers", None), torch.nn.ModuleList):
+            parent = enc
+        else:
+            for name, mod in model.named_modules():
+                lst = getattr(mod, "layers", None)
+                if isinstance(lst, torch.nn.ModuleList) and len(lst) == n_layers:
+                    parent = mod
+                    break
+        if parent is None:  # fall back to output_hidden_states
+            self._use_hook = False
+            return
+        layers = parent.layers
+        if len(layers) > self.layer:
+            parent.layers = torch.nn.ModuleList(list(layers)[: self.layer])
+            model.config.num_hidden_layers = self.layer
+
+        def hook(_module, _inputs, output):
+            self._captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+        parent.layers[self.layer - 1].register_forward_hook(hook)
+        self._use_hook = True
+
+    def _torchaudio_transform(self):
+        if self._transform is None:
+            import torchaudio
+
+            mel = dict(n_fft=400, win_length=400, hop_length=160, n_mels=self.n_mels, center=True)
+            if self.type == "mfcc":
+                self._transform = torchaudio.transforms.MFCC(
+                    sample_rate=self.sample_rate, n_mfcc=self.n_mfcc, log_mels=True, melkwargs=mel
+                )
+            else:
+                self._transform = torchaudio.transforms.MelSpectrogram(sample_rate=self.sample_rate, **mel)
+        return self._transform
+
+    # ------------------------------------------------------------------ features
+    @torch.inference_mode()
+    def __call__(self, wav: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """float ``[B, T]`` at ``sample_rate`` -> float32 ``[B, T * rate // sample_rate, dim]`` (CPU)."""
+        wav = as_batch(wav)
+        b, t = wav.shape
+        n_out = self.num_frames(t)
+        if self.type == "hf":
+            frames = self._hf_frames(wav)
+        else:
+            x = self._torchaudio_transform()(wav)  # [B, C, N]
+            if self.type == "logmel":
+                x = torch.log(x + 1e-5)
+            frames = x.transpose(1, 2)
+        return pool_frames(frames.float(), n_out).cpu()
+
+    extract = __call__
+
+    def _hf_frames(self, wav: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        min_len = self.sample_rate // 10  # the conv front-ends need a few hundred samples
+        if wav.shape[1] < min_len:
+            wav = torch.nn.functional.pad(wav, (0, min_len - wav.shape[1]))
+        fe = self.feature_extractor
+        if fe is not None:
+            inputs = fe(
+                [w.numpy() for w in wav], sampling_rate=self.sample_rate, return_tensors="pt", padding=True
+            )
+            inputs = {k: v.to(self.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        else:
+            inputs = {model.main_input_name: wav}
+        inputs = {
+            k: (v.to(self.dtype) if v.is_floating_point() else v).to(self.device) for k, v in inputs.items()
+        }
+        self._captured.clear()
+        try:
+            if self._use_hook:
+                model(**inputs)
+                if not self._captured:
+                    raise RuntimeError("layer hook did not fire")
+                hidden = self._captured[-1]
+            else:
+                out = model(**inputs, output_hidden_states=True)
+                hidden = out.hidden_states[self.layer]
+        finally:
+            self._captured.clear()
+        return hidden
+
+    # ------------------------------------------------------------------ fingerprint
+    def config(self) -> dict:
+        cfg: dict[str, Any] = {"type": self.type, "rate": self.rate, "sample_rate": self.sample_rate}
+        if self.type == "hf":
+            cfg.update(layer=self.layer, dtype=dtype_name(self.dtype))
+            cfg["model_config"] = hf_config_dict(self.model.config)
+            fe = self.feature_extractor
+            cfg["feature_extractor"] = _small_dict(fe.to_dict()) if fe is not None else None
+        elif self.type == "mfcc":
+            cfg.update(n_mfcc=self.n_mfcc, n_mels=self.n_mels, n_fft=400, hop_length=160)
+        else:
+            cfg.update(n_mels=self.n_mels, n_fft=400, hop_length=160)
+        return cfg
+
+    def weights_sha256(self) -> str | None:
+        if self.type != "hf":
+            return None
+        if self._weights_sha is None:
+            self._weights_sha = state_dict_sha256(self.model)
+        return self._weights_sha
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Save the (truncated) HF model and its feature extractor (``type="hf"`` only)."""
+        if self.type != "hf":
+            raise ValueError("only HF semantic features have weights to save")
+        directory = os.fspath(directory)
+        self.model.save_pretrained(directory)
+        if self.feature_extractor is not None:
+            self.feature_extractor.save_pretrained(directory)
+
+    def __repr__(self) -> str:
+        extra = f", model={self.model_id!r}, layer={self.layer}" if self.type == "hf" else ""
+        return f"SemanticFeatures(type={self.type!r}{extra}, rate={self.rate})"
+
+
+# ---------------------------------------------------------------------------------------------
+# k-means
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_rows(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None]
+    return x.reshape(-1, x.shape[-1])
+
+
+def fit_kmeans(
+    features_iter: Iterable[Any],
+    n_clusters: int,
+    seed: int = 0,
+    batch_size: int = 4096,
+    max_samples: int | None = None,
+    in_memory_limit: int = 200_000,
+    max_iter: int = 100,
+) -> np.ndarray:
+    """Fit k-means centroids (sklearn ``MiniBatchKMeans``) on feature frames.
+
+    ``features_iter`` yields arrays/tensors ``[..., D]`` (e.g. ``[B, T_s, D]`` batches); rows are
+    frames. The first ``in_memory_limit`` rows are fitted in memory with ``fit`` (k-means++ init,
+    several passes); rows beyond that refine the centroids with ``partial_fit`` in chunks of
+    ``batch_size`` (one pass, streaming). ``max_samples`` stops reading after that many rows.
+    With fewer rows than ``n_clusters`` the number of clusters is clipped (with a warning).
+    Returns float32 ``[n_clusters, D]`` centroids; deterministic for a seed and input order.
+    """
+    from sklearn.cluster import MiniBatchKMeans
+
+    buf: list[np.ndarray] = []
+    n_buf = 0
+    seen = 0
+    km = None
+
+    def flush_stream(final: bool) -> None:
+        nonlocal buf, n_buf
+        if not buf:
+            return
+        x = np.concatenate(buf)
+        start = 0
+        while x.shape[0] - start >= batch_size or (final and start < x.shape[0]):
+            km.partial_fit(x[start : start + batch_size])
+            start += batch_size
+        rest = x[start:]
+        buf, n_buf = ([rest], rest.shape[0]) if rest.shape[0] else ([], 0)
+
+    def fit_in_memory(x: np.ndarray):
+        k = n_clusters
+        if x.shape[0] < n_clusters:
+            warnings.warn(
+                f"fit_kmeans: only {x.shape[0]} frames for {n_clusters} clusters; clipping to {x.shape[0]} clusters",
+                stacklevel=3,
+            )
+            k = x.shape[0]
+        model = MiniBatchKMeans(
+            n_clusters=k, batch_size=batch_size, random_state=seed, n_init=3, max_iter=max_iter,
+            compute_labels=False,
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Number of distinct clusters.*")
+            return model.fit(x)
+
+    for chunk in features_iter:
+        rows = _as_rows(chunk)
+        if max_samples is not None:
+            rows = rows[: max(0, max_samples - seen)]
+        seen += rows.shape[0]
+        if rows.shape[0]:
+            buf.append(rows)
+            n_buf += rows.shape[0]
+        if km is None and n_buf > in_memory_limit:
+            x = np.concatenate(buf)
+            km = fit_in_memory(x[:in_memory_limit])
+            buf, n_buf = [x[in_memory_limit:]], x.shape[0] - in_memory_limit
+        if km is not None and n_buf >= batch_size:
+            flush_stream(final=False)
+        if max_samples is not None and seen >= max_samples:
+            break
+
+    if km is None:
+        if n_buf == 0:
+            raise ValueError("fit_kmeans got no feature frames")
+        km = fit_in_memory(np.concatenate(buf))
+    else:
+        flush_stream(final=True)
+    return km.cluster_centers_.astype(np.float32)
+
+
+def save_centroids(
+    path: str | os.PathLike, centroids: np.ndarray | torch.Tensor, features_config: Mapping | None = None
+) -> str:
+    """Write centroids ``[K, D]`` (+ the features config as metadata) to a safetensors file."""
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    if isinstance(centroids, torch.Tensor):
+        centroids = centroids.detach().cpu().numpy()
+    c = np.ascontiguousarray(np.asarray(centroids, dtype=np.float32))
+    if c.ndim != 2:
+        raise ValueError(f"centroids must be [K, D], got {c.shape}")
+    meta = {"format": "musiclm-kmeans", "n_clusters": str(c.shape[0]), "dim": str(c.shape[1])}
+    if features_config is not None:
+        meta["features"] = canonical_json(features_config)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({"centroids": c}, tmp, metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_centroids(path: str | os.PathLike, with_metadata: bool = False):
+    """Centroids ``[K, D]`` float32 from :func:`save_centroids` (optionally with its metadata)."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="numpy") as f:
+        c = f.get_tensor("centroids").astype(np.float32)
+        meta = dict(f.metadata() or {})
+    if with_metadata:
+        if "features" in meta:
+            meta["features"] = json.loads(meta["features"])
+        return c, meta
+    return c
+
+
+class SemanticTokenizer:
+    """Nearest-centroid ids of :class:`SemanticFeatures` frames.
+
+    ``encode(wav [B, T] at sample_rate) -> int64 [B, T * rate // sample_rate]`` in
+    ``[0, vocab_size)``.
+    """
+
+    name = "kmeans"
+    kind = "semantic"
+
+    def __init__(self, features: SemanticFeatures, kmeans_centroids: np.ndarray | torch.Tensor | str | os.PathLike):
+        self.features = features
+        if isinstance(kmeans_centroids, (str, os.PathLike)):
+            kmeans_centroids = load_centroids(kmeans_centroids)
+        if isinstance(kmeans_centroids, np.ndarray):
+            kmeans_centroids = torch.from_numpy(np.ascontiguousarray(kmeans_centroids))
+        self.centroids = kmeans_centroids.detach().float().cpu()
+        if self.centroids.dim() != 2:
+            raise ValueError(f"centroids must be [K, D], got {tuple(self.centroids.shape)}")
+        self._c_norm = (self.centroids**2).sum(-1)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.features.sample_rate
+
+    @property
+    def frame_rate(self) -> int:
+        return self.features.rate
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.centroids.shape[0])
+
+    def num_frames(self, num_samples: int) -> int:
+        return self.features.num_frames(num_samples)
+
+    @torch.inference_mode()
+    def ids_from_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """``[..., D]`` features -> int64 ``[...]`` nearest-centroid ids."""
+        feats = torch.as_tensor(feats).float().cpu()
+        if feats.shape[-1] != self.centroids.shape[1]:
+            raise ValueError(
+                f"features have dim {feats.shape[-1]} but the k-means centroids have dim {self.centroids.shape[1]}"
+            )
+        flat = feats.reshape(-1, feats.shape[-1])
+        d = self._c_norm[None, :] - 2.0 * flat @ self.centroids.T
+        return d.argmin(-1).reshape(feats.shape[:-1])
+
+    def encode(self, wav: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return self.ids_from_features(self.features(wav))
+
+    def fingerprint(self) -> dict:
+        cfg = {"features": self.features.config(), "n_clusters": self.vocab_size, "dim": int(self.centroids.shape[1])}
+        w = {"centroids": self.centroids}
+        fsha = self.features.weights_sha256()
+        weights = config_sha256({"centroids": state_dict_sha256(w), "features": fsha})
+        return make_fingerprint(
+            "semantic",
+            f"{self.features.type}-kmeans",
+            cfg,
+            weights,
+            self.sample_rate,
+            frame_rate=self.frame_rate,
+            vocab_size=self.vocab_size,
+        )
+
+    def __repr__(self) -> str:
+        return f"SemanticTokenizer({self.features!r}, vocab_size={self.vocab_size})"
+
+
+def build_semantic(cfg: Mapping[str, Any], device: str = "cpu") -> tuple[SemanticFeatures, SemanticTokenizer | None]:
+    """``{"features": {...}, "kmeans": path}`` -> (features, tokenizer or None when no k-means yet)."""
+    feats = SemanticFeatures.from_config(cfg.get("features", {"type": "mfcc"}), device=device)
+    km = cfg.get("kmeans")
+    if km and os.path.exists(os.fspath(km)):
+        return feats, SemanticTokenizer(feats, km)
+    if km:
+        warnings.warn(f"semantic k-means centroids {km} not found: semantic tokenizer unavailable", stacklevel=2)
+    return feats, None

@@ -1,0 +1,134 @@
+"""ResidualVQ and MuLaNEmbedQuantizer: fitting, round trips, persistence, fingerprints."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from musiclm.quantize import QUANTIZER_PRESETS, MuLaNEmbedQuantizer, ResidualVQ
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """2 shared cores: intra-op threads spin against other processes (100x slower under load)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def clustered(n=300, dim=32, clusters=6, noise=0.03, seed=0, normalize=True) -> np.ndarray:
+    g = np.random.default_rng(seed)
+    centers = g.standard_normal((clusters, dim))
+    x = centers[g.integers(0, clusters, n)] + noise * g.standard_normal((n, dim))
+    if normalize:
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32)
+
+
+def test_rvq_fit_roundtrip_shapes_and_cosine():
+    x = clustered(n=400, dim=16, clusters=8)
+    rvq = ResidualVQ(16, levels=3, codebook_size=32).fit(x, seed=0)
+    codes = rvq.encode(x)
+    assert codes.shape == (400, 3) and codes.dtype == torch.int64
+    assert int(codes.min()) >= 0 and int(codes.max()) < 32
+    y = rvq.decode(codes)
+    assert y.shape == (400, 16)
+    assert rvq.reconstruction_cosine(x) > 0.99
+    # coarser reconstructions from the first levels are worse (or equal), never better
+    err = [float(((rvq.decode(codes[:, :k]) - torch.from_numpy(x)) ** 2).sum()) for k in (1, 2, 3)]
+    assert err[0] >= err[1] >= err[2]
+    # batched [..., D] layout
+    assert rvq.encode(torch.from_numpy(x).reshape(20, 20, 16)).shape == (20, 20, 3)
+
+
+def test_rvq_clips_codebook_to_samples_with_warning():
+    x = clustered(n=20, dim=8)
+    rvq = ResidualVQ(8, levels=2, codebook_size=64)
+    with pytest.warns(UserWarning, match="only 20 vectors"):
+        rvq.fit(x)
+    assert rvq.n_codes.tolist() == [20, 20]
+    codes = rvq.encode(x)
+    assert int(codes.max()) < 20
+    assert rvq.reconstruction_cosine(x) > 0.999
+
+
+def test_rvq_training_forward_straight_through_and_ema():
+    torch.manual_seed(0)
+    x = torch.from_numpy(clustered(n=256, dim=8, normalize=False))
+    rvq = ResidualVQ(8, levels=2, codebook_size=16, ema_decay=0.8).fit(x[:64])
+    before = rvq.codebooks.clone()
+    rvq.train()
+    inp = x.clone().requires_grad_(True)
+    q, codes, loss = rvq(inp)
+    assert q.shape == x.shape and codes.shape == (256, 2) and torch.isfinite(loss)
+    (q.sum() + loss).backward()
+    assert inp.grad is not None and torch.isfinite(inp.grad).all()
+    assert not torch.equal(before, rvq.codebooks)  # EMA moved the codebooks
+    rvq.eval()
+    snap = rvq.codebooks.clone()
+    rvq(x)
+    assert torch.equal(snap, rvq.codebooks)  # no update in eval mode
+
+
+def test_mulan_quantizer_encode_layout_and_cosine():
+    x = clustered(n=300, dim=32, clusters=6)
+    q = MuLaNEmbedQuantizer(32, levels=4, codebook_size=64).fit(x, seed=0)
+    codes = q.encode(x)
+    assert isinstance(codes, np.ndarray) and codes.dtype == np.int16
+    assert codes.shape == (300, 3, 4)
+    assert codes.min() >= 0 and codes.max() < 64
+    t = q.encode(torch.from_numpy(x[:5]))
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.int16 and t.shape == (5, 3, 4)
+    assert q.encode(x[0]).shape == (3, 4)
+    cos = q.reconstruction_cosine(x)
+    assert set(cos) == {"semantic", "coarse", "fine", "mean"}
+    assert cos["mean"] > 0.95, cos
+    rec = q.decode(codes)
+    assert rec.shape == (300, 3, 32)
+    # namespaces are fitted with different seeds -> not all identical codebooks
+    assert not torch.equal(q.rvq["semantic"].codebooks, q.rvq["coarse"].codebooks)
+
+
+def test_mulan_quantizer_defaults_and_presets():
+    q = MuLaNEmbedQuantizer(16)
+    assert q.levels == 8 and q.codebook_size == 1024 and q.namespaces == ["semantic", "coarse", "fine"]
+    p = MuLaNEmbedQuantizer.from_preset(16, "paper")
+    assert p.levels == QUANTIZER_PRESETS["paper"]["levels"] == 12
+
+
+def test_mulan_quantizer_save_load_identical_codes_and_fingerprint(tmp_path):
+    x = clustered(n=120, dim=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = MuLaNEmbedQuantizer(24, levels=3, codebook_size=1024).fit(x, seed=1)  # clipped: 120 < 1024
+    d = q.save(tmp_path / "q")
+    files = sorted(p.name for p in (tmp_path / "q").iterdir())
+    assert files == ["config.json", "quantizer.safetensors"]
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["levels"] == 3 and cfg["codebook_size"] == 1024 and cfg["fitted_on"] == 120
+    r = MuLaNEmbedQuantizer.load(d)
+    np.testing.assert_array_equal(q.encode(x), r.encode(x))
+
+    fp = q.fingerprint()
+    assert fp == r.fingerprint()
+    json.dumps(fp)
+    for key in ("kind", "name", "config", "weights_sha256", "sample_rate", "namespaces", "levels", "codebook_size"):
+        assert key in fp
+    assert fp["kind"] == "quantizer" and fp["levels"] == 3 and fp["codebook_size"] == 1024
+
+    # weights change -> fingerprint changes
+    r.rvq["fine"].codebooks[0, 0, 0] += 1.0
+    assert r.fingerprint()["weights_sha256"] != fp["weights_sha256"]
+    # config change (same weights layout, more levels) -> fingerprint changes
+    q2 = MuLaNEmbedQuantizer(24, levels=4, codebook_size=1024)
+    assert q2.fingerprint()["config"] != fp["config"]
+    # refit with another seed -> different weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q3 = MuLaNEmbedQuantizer(24, levels=3, codebook_size=1024).fit(x, seed=7)
+    assert q3.fingerprint()["weights_sha256"] != fp["weights_sha256"]
