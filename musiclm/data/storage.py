@@ -219,6 +219,7 @@ def write_bytes_atomic(url: str, data: bytes, *, options: dict | None = None) ->
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    os.fchmod(fd, _file_mode())  # mkstemp makes 0600 files; published files follow the umask
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -255,3 +256,10 @@ def register_s3_gopen(schemes: Iterable[str] = ("s3", "s3a")) -> None:
 
     for scheme in schemes:
         gopen_schemes[scheme] = _fsspec_gopen
+
+
+def _file_mode() -> int:
+    """Permissions of a newly created file under the current umask (0644 with the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

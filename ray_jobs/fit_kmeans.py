@@ -1,0 +1,190 @@
+"""Fit the semantic tokenizer's k-means on features of a sample of the corpus.
+
+    python ray_jobs/fit_kmeans.py --manifest data/rapbeats/manifest.jsonl --config launch/configs/tokenizers.yaml
+    ray job submit --working-dir . -- python ray_jobs/fit_kmeans.py --manifest M --config C --out /shared/kmeans.safetensors
+
+Ray Data decodes and segments a deterministic sample of clips (``--max-clips``) in CPU tasks; an
+actor pool of the configured feature model (``tokenizers.semantic.features``: w2v-BERT / HuBERT /
+MERT layer, or MFCC / log-mel) computes frame features and keeps ``--frames-per-clip`` random
+frames per clip; the driver fits scikit-learn ``MiniBatchKMeans`` and saves the centroids as
+safetensors (default: the ``tokenizers.semantic.kmeans`` path of the config, which
+``tokenize.py`` then loads). Failed clips are skipped and listed in ``<out>.errors.jsonl``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from ray_jobs import common as C  # noqa: E402
+from musiclm.data import segments as S  # noqa: E402
+from musiclm.data import storage  # noqa: E402
+
+
+def _clip_rng(seed: int, clip_id: str) -> np.random.Generator:
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(f"{seed}:{clip_id}".encode()).digest()[:8], "big"))
+
+
+class FeatureActor:
+    """Semantic feature model replica: group of segments -> sampled feature frames [N, D]."""
+
+    def __init__(self, feats_cfg: dict, device: str, threads: int, batch_size: int, frames_per_clip: int,
+                 seed: int):
+        import torch
+
+        from musiclm.semantic import SemanticFeatures
+
+        torch.set_num_threads(threads)
+        self.feats = SemanticFeatures.from_config(feats_cfg, device=C.resolve_device(device))
+        self.batch_size, self.frames_per_clip, self.seed = max(1, batch_size), frames_per_clip, seed
+        self.ready = C.actor_stamp()
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"record": [], "arrays": []}
+        for group_json, blob, meta_json in zip(batch["group"], batch["audio"], batch["meta"]):
+            t0 = time.time()
+            group, meta, audio = S.Group.from_json(group_json), json.loads(meta_json), C.unpack_arrays(blob)
+            clips = {c["id"]: c for c in group.clips}
+            per_clip: dict[str, list[np.ndarray]] = {}
+            errors = list(meta["errors"])
+            seconds = 0.0
+            for chunk, wav in C.segment_batches(meta["segments"], audio, self.batch_size):
+                try:
+                    feats = self.feats(wav).numpy()  # [B, T_s, D]
+                except Exception as e:
+                    for s in chunk:
+                        errors.append(S.error_record(clips[s["clip_id"]], "tokenize_failed",
+                                                     f"{type(e).__name__}: {e}", stage="features"))
+                    continue
+                for s, f in zip(chunk, feats):
+                    per_clip.setdefault(s["clip_id"], []).append(f)
+                    seconds += s["end"] - s["start"]
+            failed = {e["clip_id"] for e in errors}
+            rows = []
+            for cid in sorted(per_clip):
+                if cid in failed:
+                    continue
+                x = np.concatenate(per_clip[cid])
+                if self.frames_per_clip and len(x) > self.frames_per_clip:
+                    x = x[np.sort(_clip_rng(self.seed, cid).choice(len(x), self.frames_per_clip, replace=False))]
+                rows.append(x.astype(np.float32))
+            used = set(per_clip) - failed
+            dim = rows[0].shape[-1] if rows else 0
+            frames = np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
+            rec = C.fit_record(group, meta, used, errors, seconds,
+                               {"decode_s": round(meta["decode_s"], 4), "model_s": round(time.time() - t0, 4),
+                                "actor": self.ready})
+            rec["frames"] = int(len(frames))
+            out["record"].append(json.dumps(rec))
+            out["arrays"].append(C.pack_arrays({"frames": frames}))
+        return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from musiclm.semantic import SemanticFeatures, fit_kmeans, save_centroids
+
+    p = C.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="centroids file (default: tokenizers.semantic.kmeans of the config)")
+    p.add_argument("--clusters", type=int, default=None, help="k (default: config fit_kmeans.clusters, else 1024)")
+    p.add_argument("--frames-per-clip", type=int, default=None, help="random frames kept per clip (default 250)")
+    p.add_argument("--max-frames", type=int, default=None, help="frames fitted at most (default 500000)")
+    p.add_argument("--clips-per-task", type=int, default=8, help="clips per Ray task / actor call")
+    p.add_argument("--segment-seconds", type=float, default=None, help="default: config segment_seconds, else 10")
+    args = p.parse_args(argv)
+    t_start = time.time()
+    cfg = C.load_config(args.config)
+    fit = dict(cfg.get("fit_kmeans") or {})
+    tok = C.tokenizers_section(cfg)
+    sem = dict(tok.get("semantic") or {})
+    feats_cfg = dict(sem.get("features") or {"type": "mfcc", "rate": 25})
+    out = args.out or sem.get("kmeans")
+    if not out:
+        p.error("--out is required when the config has no tokenizers.semantic.kmeans path")
+    clusters = int(args.clusters or fit.get("clusters", 1024))
+    frames_per_clip = int(args.frames_per_clip or fit.get("frames_per_clip", 250))
+    max_frames = int(args.max_frames or fit.get("max_frames", 500_000))
+    if args.max_clips is None and fit.get("max_clips"):
+        args.max_clips = int(fit["max_clips"])
+    segment_seconds = float(args.segment_seconds or cfg.get("segment_seconds") or 10.0)
+    feats = SemanticFeatures.from_config(feats_cfg)  # lazy: only the feature extractor for the rate
+    sample_rate = int(feats.sample_rate)
+
+    groups, plan_errors, plan = C.make_plan(args, "fit_kmeans", {}, clips_per_group=args.clips_per_task)
+    C.log(f"[fit_kmeans] {plan['clips']} clips ({len(groups)} tasks), features {feats!r} at {sample_rate} Hz, "
+          f"k={clusters} -> {out}")
+    ray_info = C.init_ray(args)
+    wp = C.worker_plan(args, ray_info)
+    progress = C.Progress("fit_kmeans", len(groups), plan["clips"])
+    ds = C.groups_dataset(groups)
+    ds = ds.map(C.decode_group, num_cpus=args.task_cpus,
+                fn_kwargs=dict(sample_rate=sample_rate, segment_seconds=segment_seconds, grid_seconds=0.0,
+                               min_seconds=1.0))
+    ds = C.actor_stage(ds, FeatureActor, wp, dict(feats_cfg=feats_cfg, device=wp["device"], threads=wp["threads"],
+                                                  batch_size=args.batch_size, frames_per_clip=frames_per_clip,
+                                                  seed=args.seed))
+    records, arrays = C.collect_groups(ds, progress)
+    frames = [a["frames"] for a in arrays if len(a["frames"])]
+    if not frames:
+        raise SystemExit("[fit_kmeans] no features: every clip failed (see the errors above)")
+    x = np.concatenate(frames)
+    if len(x) > max_frames:
+        x = x[np.sort(np.random.default_rng(args.seed).choice(len(x), max_frames, replace=False))]
+    t_fit = time.time()
+    centroids = fit_kmeans([x], n_clusters=clusters, seed=args.seed)
+    fit_s = time.time() - t_fit
+    _save(out, lambda path: save_centroids(path, centroids, feats.config()))
+    errors = plan_errors + [e for r in records for e in r["errors"]]
+    errors_url = _errors_url(out)
+    C.write_errors(errors_url, errors)
+    summary = _summary("fit_kmeans", out, records, errors, progress, wp, ray_info, t_start)
+    summary.update(frames=int(len(x)), clusters=int(centroids.shape[0]), dim=int(centroids.shape[1]),
+                   fit_s=round(fit_s, 3), errors_file=errors_url)
+    C.print_summary(summary)
+    return summary
+
+
+def _errors_url(out: str) -> str:
+    base = out[: -len(".safetensors")] if out.endswith(".safetensors") else out.rstrip("/")
+    return base + ".errors.jsonl"
+
+
+def _save(out: str, save) -> None:
+    """Save through `save(local_path)`; remote outputs are written locally, then uploaded."""
+    if not storage.is_remote(out):
+        save(out)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, storage.basename(out))
+        save(local)
+        storage.put_file(local, out)
+
+
+def _summary(job: str, out: str, records: list[dict], errors: list[dict], progress, wp: dict, ray_info: dict,
+             t_start: float) -> dict:
+    by_reason: dict[str, int] = {}
+    for e in errors:
+        by_reason[e["reason"]] = by_reason.get(e["reason"], 0) + 1
+    summary = {"job": job, "out": out, "clips": sum(len(r["clips"]) for r in records),
+               "clips_ok": sum(len(r["clips_ok"]) for r in records), "clips_failed": len(errors),
+               "failed_by_reason": by_reason, "segments": sum(r["segments"] for r in records),
+               "audio_hours": round(sum(r["seconds"] for r in records) / 3600, 6), "workers": wp["workers"],
+               "ray": ray_info["mode"], "total_s": round(time.time() - t_start, 3)}
+    summary.update(progress.rates(wp["workers"]))
+    if errors:
+        C.log(f"[{job}] {len(errors)} clip(s) failed ({', '.join(f'{k}: {v}' for k, v in sorted(by_reason.items()))})")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Fit the MuLaN conditioning-token quantizer (MuLaNEmbedQuantizer) on MuLaN audio embeddings of the corpus.
+
+    python ray_jobs/fit_quantizer.py --manifest data/rapbeats/manifest.jsonl --config launch/configs/tokenizers.yaml
+    ray job submit --working-dir . -- python ray_jobs/fit_quantizer.py --manifest M --config C --out /shared/quantizer
+
+Ray Data decodes and segments the clips (segments as long as the token shards' segments, so the
+quantizer sees the embeddings ``tokenize.py`` will quantize) in CPU tasks; an actor pool of the
+configured embedder (``tokenizers.mulan``: CLAP or our MuLaN) computes one L2-normalised embedding
+per segment (mean over MuLaN windows); the driver fits the residual VQ of every namespace and
+saves the quantizer directory (default: the ``tokenizers.quantizer`` path of the config).
+Failed clips are skipped and listed in ``<out>.errors.jsonl``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import json  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from ray_jobs import common as C  # noqa: E402
+from ray_jobs.fit_kmeans import _errors_url, _summary  # noqa: E402
+from musiclm.data import segments as S  # noqa: E402
+from musiclm.data import storage  # noqa: E402
+
+
+class EmbedActor:
+    """MuLaN embedder replica: group of segments -> embeddings [N, D] (one per segment)."""
+
+    def __init__(self, mulan_cfg: dict, device: str, threads: int, batch_size: int):
+        import torch
+
+        from musiclm.mulan import build_embedder
+
+        torch.set_num_threads(threads)
+        self.embedder = build_embedder(mulan_cfg, device=C.resolve_device(device))
+        self.batch_size = max(1, batch_size)
+        self.ready = C.actor_stamp()
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"record": [], "arrays": []}
+        for group_json, blob, meta_json in zip(batch["group"], batch["audio"], batch["meta"]):
+            t0 = time.time()
+            group, meta, audio = S.Group.from_json(group_json), json.loads(meta_json), C.unpack_arrays(blob)
+            clips = {c["id"]: c for c in group.clips}
+            errors = list(meta["errors"])
+            got: list[tuple[str, np.ndarray, float]] = []
+            for chunk, wav in C.segment_batches(meta["segments"], audio, self.batch_size):
+                try:
+                    emb = self.embedder.embed_audio(wav).float().numpy()  # [B, D]
+                except Exception as e:
+                    for s in chunk:
+                        errors.append(S.error_record(clips[s["clip_id"]], "tokenize_failed",
+                                                     f"{type(e).__name__}: {e}", stage="embed"))
+                    continue
+                got += [(s["clip_id"], e, s["end"] - s["start"]) for s, e in zip(chunk, emb)]
+            failed = {e["clip_id"] for e in errors}
+            kept = [(c, e, sec) for c, e, sec in got if c not in failed]
+            emb = np.stack([e for _, e, _ in kept]) if kept else np.zeros((0, 0), np.float32)
+            rec = C.fit_record(group, meta, {c for c, _, _ in kept}, errors, sum(sec for _, _, sec in kept),
+                               {"decode_s": round(meta["decode_s"], 4), "model_s": round(time.time() - t0, 4),
+                                "actor": self.ready})
+            out["record"].append(json.dumps(rec))
+            out["arrays"].append(C.pack_arrays({"embeddings": emb.astype(np.float32)}))
+        return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from musiclm.mulan import build_embedder
+    from musiclm.tokenizers import build_tokenizers
+
+    p = C.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="quantizer directory (default: tokenizers.quantizer of the config)")
+    p.add_argument("--clips-per-task", type=int, default=8, help="clips per Ray task / actor call")
+    p.add_argument("--segment-seconds", type=float, default=None, help="default: config segment_seconds, else 10")
+    p.add_argument("--max-samples", type=int, default=100_000, help="embeddings used for the fit at most")
+    args = p.parse_args(argv)
+    t_start = time.time()
+    cfg = C.load_config(args.config)
+    tok = C.tokenizers_section(cfg)
+    if not tok.get("mulan"):
+        p.error("the config has no tokenizers.mulan section (the embedder to quantize)")
+    q = tok.get("quantizer")
+    out = args.out or (q if isinstance(q, str) else (q or {}).get("path"))
+    if not out:
+        p.error("--out is required when the config has no tokenizers.quantizer path")
+    fit = dict(cfg.get("fit_quantizer") or {})
+    if args.max_clips is None and fit.get("max_clips"):
+        args.max_clips = int(fit["max_clips"])
+    segment_seconds = float(args.segment_seconds or cfg.get("segment_seconds") or 10.0)
+    mulan_cfg = dict(tok["mulan"])
+    sample_rate = int(build_embedder(mulan_cfg).sample_rate)
+
+    groups, plan_errors, plan = C.make_plan(args, "fit_quantizer", {}, clips_per_group=args.clips_per_task)
+    C.log(f"[fit_quantizer] {plan['clips']} clips ({len(groups)} tasks), embedder {mulan_cfg.get('type', 'clap')} "
+          f"at {sample_rate} Hz -> {out}")
+    ray_info = C.init_ray(args)
+    wp = C.worker_plan(args, ray_info)
+    progress = C.Progress("fit_quantizer", len(groups), plan["clips"])
+    ds = C.groups_dataset(groups)
+    ds = ds.map(C.decode_group, num_cpus=args.task_cpus,
+                fn_kwargs=dict(sample_rate=sample_rate, segment_seconds=segment_seconds, grid_seconds=0.0,
+                               min_seconds=1.0))
+    ds = C.actor_stage(ds, EmbedActor, wp, dict(mulan_cfg=mulan_cfg, device=wp["device"], threads=wp["threads"],
+                                                batch_size=args.batch_size))
+    records, arrays = C.collect_groups(ds, progress)
+    embs = [a["embeddings"] for a in arrays if a["embeddings"].size]
+    if not embs:
+        raise SystemExit("[fit_quantizer] no embeddings: every clip failed (see the errors above)")
+    x = np.concatenate(embs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "fewer vectors than codes" on small corpora: reported below
+        # Only the quantizer section: its preset / levels / codebook_size / namespaces; no model loads.
+        quant = build_tokenizers({"quantizer": q}).new_quantizer(dim=int(x.shape[1]))
+        t_fit = time.time()
+        quant.fit(x, seed=args.seed, max_samples=args.max_samples)
+    fit_s = time.time() - t_fit
+    _save_dir(out, quant.save)
+    errors = plan_errors + [e for r in records for e in r["errors"]]
+    errors_url = _errors_url(out)
+    C.write_errors(errors_url, errors)
+    summary = _summary("fit_quantizer", out, records, errors, progress, wp, ray_info, t_start)
+    cos = quant.reconstruction_cosine(x[: min(len(x), 2048)])
+    summary.update(embeddings=int(len(x)), dim=int(x.shape[1]), fit_s=round(fit_s, 3), errors_file=errors_url,
+                   reconstruction_cosine={k: round(float(v), 4) for k, v in cos.items()},
+                   fingerprint_weights_sha256=quant.fingerprint().get("weights_sha256"))
+    if len(x) < quant.config().get("codebook_size", 1024):
+        C.log(f"[fit_quantizer] note: {len(x)} embeddings for codebooks of {quant.config().get('codebook_size')} "
+              f"codes: fewer distinct codes are used (fine for a demo, fit on a larger corpus for real runs)")
+    C.print_summary(summary)
+    return summary
+
+
+def _save_dir(out: str, save) -> None:
+    """save(local_dir); a remote `out` is written to a temp dir, then every file uploaded."""
+    if not storage.is_remote(out):
+        save(out)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save(tmp)
+        for root, _, files in os.walk(tmp):
+            for f in files:
+                rel = os.path.relpath(os.path.join(root, f), tmp)
+                storage.put_file(os.path.join(root, f), storage.join(out, *rel.split(os.sep)))
+
+
+if __name__ == "__main__":
+    main()
