@@ -1,0 +1,449 @@
+"""Stage batches streamed from shards, split by rank, with a data position for exact resume.
+
+The per-rank stream is a deterministic function of (seed, epoch, rank, world size):
+
+- every epoch reads the split through ``musiclm.data.shards.shard_reader`` with that epoch's
+  shuffle; shards are split by rank (``rank, world_size``) when there are at least as many shards
+  as ranks, otherwise every rank reads all shards and keeps every world_size-th sample (both done
+  by the reader);
+- each example is built with a ``numpy`` Generator seeded from (seed, epoch, sample key), so the
+  window offset and the conditioning dropout of a sample do not depend on what came before;
+- a batch carries the position *after* it: ``{"epoch": e, "offset": n}`` = n raw samples of this
+  rank's epoch-e stream consumed. Resuming skips those n samples (read, not built) and continues.
+
+Epochs run forever (each rank moves on independently when its share of the split is exhausted);
+training length is set by steps. A background thread builds batches ahead of the training loop
+(``prefetch`` batches), which keeps the order deterministic (one producer).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import zlib
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from musiclm.data import shards as _shards
+
+__all__ = [
+    "as_list", "shard_urls", "check_shard_fingerprints", "resolve_shard_dirs", "BatchStream", "eval_batches", "sample_rng",
+    "reader_throughput", "make_synthetic_token_shards", "synthetic_fingerprints",
+]
+
+
+def as_list(x) -> list[str]:
+    if x is None:
+        return []
+    if isinstance(x, (list, tuple)):
+        return [str(v) for v in x]
+    return [str(x)]
+
+
+def shard_urls(dirs, split: str) -> list[str]:
+    """Complete shards of ``split`` in one or more shard directories (sorted, concatenated)."""
+    urls: list[str] = []
+    for d in as_list(dirs):
+        urls.extend(_shards.list_shards(d, split))
+    return urls
+
+
+class FingerprintHashMismatch(_shards.FingerprintMismatch):
+    """The config pins ``fingerprint_hash`` and the shards' fingerprints hash to another value."""
+
+    def __init__(self, where: str, expected: str, found: str, tokenizers: list[str]):
+        self.tokenizer, self.field, self.expected, self.found = "all", "fingerprint_hash", expected, found
+        ValueError.__init__(
+            self, f"{where}: fingerprint_hash of the shards' tokenizers ({', '.join(tokenizers)}) is {found}, "
+                  f"the config pins fingerprint_hash {expected}: these shards were made with other tokenizers; "
+                  f"re-tokenize or point the config at matching shards")
+
+
+class NoMatchingShards(_shards.FingerprintMismatch):
+    """No folder matching a glob was made by the tokenizers the config describes."""
+
+    def __init__(self, pattern: str, errors: list):
+        self.tokenizer, self.field, self.expected, self.found = "all", None, pattern, None
+        self.errors = errors
+        ValueError.__init__(self, f"no shard folder matching {pattern} was made by the config's tokenizers:\n"
+                            + "\n".join(f"  - {e}" for e in errors))
+
+
+def check_shard_fingerprints(dirs, expected: dict | None, expected_hash: str | None = None) -> list[dict]:
+    """Refuse shard directories whose tokenizer fingerprints do not match the config.
+
+    ``expected``: fields per tokenizer (``{"acoustic": {"frame_rate": 75, ...}}``, from the
+    config's ``tokens:`` section through the stage), checked with
+    ``musiclm.data.shards.check_fingerprints``; ``expected_hash`` (optional): the exact
+    ``fingerprint_hash`` of all fingerprints. Raises ``FingerprintMismatch`` naming the index, the
+    tokenizer and the field. Returns the indexes read."""
+    indexes = []
+    for d in as_list(dirs):
+        index = _shards.read_index(d)
+        where = f"{d}/index.json"
+        if expected:
+            _shards.check_fingerprints(d, expected)
+        if expected_hash:
+            got = _shards.fingerprint_hash(index.get("fingerprints") or {})
+            if str(got) != str(expected_hash):
+                raise FingerprintHashMismatch(where, str(expected_hash), got, sorted(index.get("fingerprints") or {}))
+        indexes.append(index)
+    return indexes
+
+
+def resolve_shard_dirs(dirs, expected: dict | None, expected_hash: str | None = None) -> tuple[list[str], list[dict]]:
+    """Shard folders of ``data.shards`` checked against the config; a local glob such as
+    ``shards/rapbeats/tokens-*`` resolves to the folder whose fingerprints match (the folder name
+    carries a hash of the tokenizers, unknown before tokenization). Several matching folders are
+    an error unless ``fingerprint_hash`` picks one. Returns (folders, their indexes)."""
+    import glob as _glob
+
+    out, indexes = [], []
+    for d in as_list(dirs):
+        if any(c in d for c in "*?[") and "://" not in d:
+            cands = [m for m in sorted(_glob.glob(d)) if os.path.isfile(os.path.join(m, _shards.INDEX_NAME))]
+            if not cands:
+                raise FileNotFoundError(f"no shard folder (with index.json) matches {d}")
+            good, errors = [], []
+            for m in cands:
+                try:
+                    indexes_m = check_shard_fingerprints(m, expected, expected_hash)
+                except _shards.FingerprintMismatch as e:
+                    errors.append(e)
+                    continue
+                good.append((m, indexes_m[0]))
+            if not good:
+                if len(errors) == 1:
+                    raise errors[0]
+                raise NoMatchingShards(d, errors)
+            if len(good) > 1:
+                raise ValueError(f"{len(good)} shard folders match {d} and the config's tokens: "
+                                 f"{[g[0] for g in good]}; set fingerprint_hash or name one folder")
+            out.append(good[0][0])
+            indexes.append(good[0][1])
+        else:
+            indexes.extend(check_shard_fingerprints(d, expected, expected_hash))
+            out.append(d)
+    return out, indexes
+
+
+def sample_rng(seed: int, epoch: int, key: str, salt: int = 0) -> np.random.Generator:
+    """Per-sample generator: the same sample in the same epoch always gets the same window/dropout."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), zlib.crc32(str(key).encode()), int(salt)])
+
+
+def _raw_stream(urls, split, *, seed, epoch, rank, world_size, shuffle):
+    """(index in this rank's epoch stream, sample) for one epoch. shard_reader splits shards by
+    rank (or samples, when there are fewer shards than ranks) and shuffles with (seed, epoch)."""
+    it = _shards.shard_reader(urls, split, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
+                              world_size=world_size, repeat=False)
+    yield from enumerate(it)
+
+
+def _epoch_batches(urls, split, *, build_example, collate, cfg, batch_size, rank, world_size, seed, shuffle,
+                   start: dict | None, stop: threading.Event | None = None) -> Iterator[tuple[dict, dict]]:
+    """(batch, position after it) forever, epoch after epoch, from ``start`` = {"epoch", "offset"}.
+
+    Inside a DataLoader worker, shard_reader also splits by worker (reader = rank * workers + worker)."""
+    start = start or {}
+    epoch, skip = int(start.get("epoch", 0)), int(start.get("offset", 0))
+    while stop is None or not stop.is_set():
+        buf, n = [], 0
+        for i, sample in _raw_stream(urls, split, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                                     shuffle=shuffle):
+            n = i + 1
+            if i < skip:
+                continue  # resume: read (not built) up to the saved position
+            ex = build_example(sample, sample_rng(seed, epoch, sample.get("__key__", i)), cfg)
+            if ex is None:
+                continue
+            buf.append(ex)
+            if len(buf) == batch_size:
+                yield collate(buf), {"epoch": epoch, "offset": n}
+                buf = []
+            if stop is not None and stop.is_set():
+                return
+        if n == 0:
+            raise RuntimeError(f"rank {rank}/{world_size} got no samples from split {split!r} ({len(urls)} shards)")
+        # a partial batch at the end of an epoch is dropped (every batch has batch_size examples)
+        epoch, skip = epoch + 1, 0
+
+
+class _WorkerBatches:
+    """IterableDataset body for DataLoader workers: each worker resumes at its own position."""
+
+    def __init__(self, kwargs: dict, starts: list[dict]):
+        self.kwargs, self.starts = kwargs, starts
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        start = self.starts[wid] if wid < len(self.starts) else None
+        for batch, pos in _epoch_batches(**self.kwargs, start=start):
+            yield batch, {**pos, "worker": wid}
+
+
+class BatchStream:
+    """Infinite iterator of ``(batch, position)`` for one rank.
+
+    ``build_example(sample, rng, cfg)`` and ``collate(list)`` come from the TrainSpec.
+
+    ``num_workers=0`` (default): one producer thread builds ``prefetch`` batches ahead; the stream
+    is one deterministic sequence and resume is exact. ``num_workers=W``: W DataLoader worker
+    processes, the rank's shards split between them (for expensive examples, e.g. audio decoding);
+    each worker resumes exactly at its own position, and batches are handed out in the same
+    worker rotation as before the resume, so the sequence is the same too. ``state()`` is the list
+    of stream positions (one per worker, or one) of the batches consumed so far, each with the
+    worker whose batch comes next (``"next"``); ``position`` restores it."""
+
+    def __init__(self, urls: list[str], split: str, *, build_example, collate, cfg: dict, batch_size: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: int = 1000,
+                 position: "dict | list[dict] | None" = None, prefetch: int = 4, num_workers: int = 0):
+        if not urls:
+            raise FileNotFoundError(f"no complete shards for split {split!r}")
+        self.split, self.num_workers, self.prefetch = split, int(num_workers), int(prefetch)
+        self.kwargs = dict(urls=list(urls), split=split, build_example=build_example, collate=collate, cfg=cfg,
+                           batch_size=int(batch_size), rank=int(rank), world_size=int(world_size), seed=int(seed),
+                           shuffle=int(shuffle))
+        n = max(1, self.num_workers)
+        if isinstance(position, dict):
+            position = [position]
+        position = list(position or [])
+        self.positions = [dict(position[i]) if i < len(position) else {"epoch": 0, "offset": 0} for i in range(n)]
+        self.next_worker = int(position[0].get("next", 0)) % n if position else 0
+        for p in self.positions:
+            p.pop("next", None)
+        self._starts = [dict(p) for p in self.positions]
+        self._held: dict[int, list] = {}
+        self._thread = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._it = None
+
+    def state(self) -> list[dict]:
+        return [{**p, "next": self.next_worker} for p in self.positions]
+
+    # -- producers ------------------------------------------------------------------------------
+
+    def _produce(self):
+        try:
+            for item in _epoch_batches(**self.kwargs, start=self._starts[0], stop=self._stop):
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as e:  # hand the error to the consumer
+            self._queue.put(e)
+
+    def _start(self):
+        if self.num_workers > 0:
+            loader = torch.utils.data.DataLoader(
+                _IterableWrapper(_WorkerBatches(self.kwargs, self._starts)), batch_size=None,
+                num_workers=self.num_workers, prefetch_factor=max(1, self.prefetch), persistent_workers=False,
+                worker_init_fn=_worker_init)
+            self._it = iter(loader)
+        elif self.prefetch > 0:
+            self._queue = queue.Queue(maxsize=self.prefetch)
+            self._thread = threading.Thread(target=self._produce, name="musiclm-batches", daemon=True)
+            self._thread.start()
+            self._it = self._from_queue()
+        else:
+            self._it = _epoch_batches(**self.kwargs, start=self._starts[0], stop=self._stop)
+
+    def _from_queue(self):
+        while True:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[dict, dict]:
+        if self._it is None:
+            self._start()
+        if self.num_workers > 0:
+            # the DataLoader restarts its rotation at worker 0; hand batches out in the saved rotation
+            want = self.next_worker
+            while not self._held.get(want):
+                batch, pos = next(self._it)
+                self._held.setdefault(int(pos["worker"]), []).append((batch, pos))
+            batch, pos = self._held[want].pop(0)
+            self.next_worker = (want + 1) % self.num_workers
+        else:
+            batch, pos = next(self._it)
+        w = int(pos.get("worker", 0))
+        self.positions[w] = {"epoch": int(pos["epoch"]), "offset": int(pos["offset"])}
+        return batch, pos
+
+    def close(self):
+        self._stop.set()
+        if self._thread is not None:
+            try:
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=5)
+        if self.num_workers > 0 and self._it is not None:
+            shutdown = getattr(self._it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        self._it = None
+
+
+def _worker_init(_worker_id: int) -> None:
+    # A scheduler's SIGTERM reaches every process of the job, loader workers included. A dead
+    # worker would fail the trainer while it writes its SIGTERM checkpoint, so workers ignore
+    # SIGTERM/SIGINT and are shut down by the trainer (or SIGKILLed by the launcher).
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+class _IterableWrapper(torch.utils.data.IterableDataset):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def __iter__(self):
+        return iter(self.body)
+
+
+def eval_batches(urls: list[str], split: str, *, build_example, collate, cfg: dict, batch_size: int,
+                 n_batches: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> Iterator[dict]:
+    """The same held-out batches at every evaluation: every rank reads the split in order (no
+    shuffle), batch g of the (cycled) sequence of the split's batches goes to rank g % world_size.
+    Yields exactly ``n_batches`` batches per rank (none when the split is empty), so every rank
+    runs the same number of forwards (ZeRO-3). A split smaller than one batch is one batch."""
+    if not urls or n_batches <= 0:
+        return
+    produced, g = 0, 0
+    while True:
+        buf, full = [], 0
+        reader = _shards.shard_reader(urls, split, shuffle=0, seed=seed, epoch=0, rank=0, world_size=1,
+                                      repeat=False)
+        for i, sample in enumerate(reader):
+            ex = build_example(sample, sample_rng(seed, 0, sample.get("__key__", i), salt=1), cfg)
+            if ex is None:
+                continue
+            buf.append(ex)
+            if len(buf) == batch_size:
+                full += 1
+                if g % world_size == rank:
+                    yield collate(buf)
+                    produced += 1
+                    if produced >= n_batches:
+                        return
+                g, buf = g + 1, []
+        if full == 0:
+            if not buf:
+                return
+            if g % world_size == rank:
+                yield collate(buf)
+                produced += 1
+                if produced >= n_batches:
+                    return
+            g += 1
+
+
+def reader_throughput(urls: list[str], split: str, *, build_example, collate, cfg: dict, batch_size: int,
+                      seconds: float = 5.0, seed: int = 0) -> dict:
+    """Samples/s of the input pipeline alone (read + decode + build + collate), one rank."""
+    import time
+
+    stream = BatchStream(urls, split, build_example=build_example, collate=collate, cfg=cfg,
+                         batch_size=batch_size, seed=seed, prefetch=0)
+    n, t0 = 0, time.perf_counter()
+    for _batch, _pos in stream:
+        n += batch_size
+        if time.perf_counter() - t0 >= seconds:
+            break
+    dt = time.perf_counter() - t0
+    return {"samples": n, "seconds": dt, "samples_per_s": n / dt if dt > 0 else 0.0}
+
+
+# -----------------------------------------------------------------------------------------------
+# Synthetic token shards with learnable structure (tests, benchmarks, smoke runs)
+
+
+def synthetic_fingerprints(tokens: dict) -> dict:
+    """Fingerprints of a made-up tokenizer set matching a ``tokens:`` config section."""
+    t = dict(tokens)
+    ns = list(t.get("cond_namespaces", ["semantic", "coarse", "fine"]))
+    return {
+        "acoustic": {"kind": "acoustic", "name": "synthetic", "config": {}, "weights_sha256": "0" * 64,
+                     "sample_rate": 24000, "frame_rate": float(t["acoustic_rate"]),
+                     "levels": int(t["acoustic_levels"]), "codebook_size": int(t["acoustic_codebook"])},
+        "semantic": {"kind": "semantic", "name": "synthetic", "config": {}, "weights_sha256": "0" * 64,
+                     "sample_rate": 16000, "frame_rate": float(t["semantic_rate"]),
+                     "vocab_size": int(t["semantic_vocab"])},
+        "mulan": {"kind": "mulan", "name": "synthetic", "config": {}, "weights_sha256": "0" * 64,
+                  "sample_rate": 24000, "dim": 8},
+        "quantizer": {"kind": "quantizer", "name": "synthetic", "config": {}, "weights_sha256": "0" * 64,
+                      "sample_rate": 0, "namespaces": ns, "levels": int(t["cond_levels"]),
+                      "codebook_size": int(t["cond_codebook"])},
+    }
+
+
+def synthetic_sample(key: str, rng: np.random.Generator, tokens: dict, seconds: float) -> dict:
+    """One token-shard sample whose streams are predictable from each other:
+
+    - cond tokens: random; semantic id t = (start + t * stride) mod V with start and stride given
+      by the semantic namespace's first two cond tokens (learnable from cond + previous token);
+    - acoustic level q, frame t = (semantic id at that time * (q + 1) + q) mod codebook for the
+      coarse levels, and (coarse level 0 + coarse level 1 + q) mod codebook for the fine levels,
+      so coarse codes follow from semantic ids and fine codes from coarse codes."""
+    t = tokens
+    Vs, C = int(t["semantic_vocab"]), int(t["acoustic_codebook"])
+    Q, Qc = int(t["acoustic_levels"]), int(t["coarse_levels"])
+    K, Cc = int(t["cond_levels"]), int(t["cond_codebook"])
+    ns = list(t.get("cond_namespaces", ["semantic", "coarse", "fine"]))
+    n_s = int(round(seconds * float(t["semantic_rate"])))
+    n_a = int(round(seconds * float(t["acoustic_rate"])))
+    cond = rng.integers(0, Cc, size=(len(ns), K))
+    start, stride = int(cond[0, 0]) % Vs, 1 + int(cond[0, 1 % K]) % 3
+    sem = (start + stride * np.arange(n_s)) % Vs
+    ratio = float(t["acoustic_rate"]) / float(t["semantic_rate"])
+    sem_at_a = sem[np.minimum((np.arange(n_a) / ratio).astype(np.int64), n_s - 1)]
+    ac = np.zeros((Q, n_a), dtype=np.int64)
+    for q in range(Qc):
+        ac[q] = (sem_at_a * (q + 1) + q) % C
+    for q in range(Qc, Q):
+        ac[q] = (ac[0] + ac[min(1, Qc - 1)] + q) % C
+    return {
+        "__key__": key,
+        "acoustic.npy": ac.astype(np.int16),
+        "semantic.npy": sem.astype(np.int16),
+        "mulan.npy": rng.standard_normal(8).astype(np.float16),
+        "cond.npy": cond.astype(np.int16),
+        "json": {"clip_id": key.split("__")[0], "caption": "synthetic", "source": "synthetic",
+                 "start": 0.0, "end": float(seconds), "sample_rate": 24000, "tags": {}},
+    }
+
+
+def make_synthetic_token_shards(directory: str, tokens: dict, *, n_train: int = 64, n_eval: int = 16,
+                                seconds: float = 4.0, samples_per_shard: int = 16, seed: int = 0,
+                                fingerprints: dict | None = None) -> dict:
+    """Write train/eval token shards + index.json of synthetic samples into ``directory``."""
+    rng = np.random.default_rng(seed)
+    all_shards = []
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        if n <= 0:
+            continue
+        w = _shards.ShardWriter(directory, split, kind="tokens", max_samples=samples_per_shard)
+        for i in range(n):
+            w.write(synthetic_sample(f"{split}{i:05d}__0000", rng, tokens, seconds))
+        all_shards.extend(w.close())
+    fps = fingerprints or synthetic_fingerprints(tokens)
+    return _shards.write_index(directory, all_shards, kind="tokens", fingerprints=fps)

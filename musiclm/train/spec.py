@@ -1,0 +1,118 @@
+"""Training specs: what a stage contributes to the one training loop (torchtitan-style registry).
+
+A stage is registered by name and contributes only its model, its batch layout and its
+objective; everything else (DeepSpeed engines, data streaming, schedule, checkpoint/resume,
+TensorBoard, SIGTERM handling, export) lives in :mod:`musiclm.train.engine` and is shared.
+
+    from musiclm.train.spec import TrainSpec, register_train_spec
+
+    register_train_spec(TrainSpec(
+        name="mystage", data_kind="tokens",
+        build_model=lambda cfg: MyModel(...),                     # nn.Module, built on every rank
+        build_example=lambda sample, rng, cfg: {...tensors...},   # one shard sample -> one example
+        collate=lambda examples: {...batched tensors...},
+        loss=lambda model, batch: (loss, {"accuracy": acc}),     # model is the DeepSpeed engine
+    ))
+
+Contract of the callables:
+
+- ``build_model(cfg) -> nn.Module``: called once per process with the full run config (dict).
+- ``build_example(sample, rng, cfg) -> dict | None``: ``sample`` is a decoded shard sample (see
+  musiclm.data.shards), ``rng`` a ``numpy.random.Generator`` seeded from (seed, epoch, sample key)
+  so the example is the same after a resume; return None to skip a sample. During evaluation the
+  engine passes ``cfg`` with ``cond_dropout`` set to 0.
+- ``collate(list_of_examples) -> dict`` of tensors; the engine moves tensors to the device.
+- ``loss(model, batch) -> (loss, metrics)``: ``metrics`` maps names to scalar tensors/floats; the
+  same names every step (e.g. ``accuracy``, ``loss/level_1``). Logged as ``train/<name>`` and
+  ``eval/<name>``.
+- ``custom_step(trainer, batch) -> (loss, metrics)`` (optional): replaces the default
+  ``forward/backward/step``; it must run backward and ``step()`` on ``trainer.engine`` itself
+  (and on any extra engine it created with ``trainer.make_engine``), e.g. generator +
+  discriminator for the codec.
+
+Optional hooks (defaults are fine for most specs):
+
+- ``configure(cfg)``: called once before anything else (e.g. to build a stage layout).
+- ``expected_fingerprints(cfg) -> dict``: tokenizer fingerprint fields the shards must have,
+  ``{"acoustic": {"frame_rate": 75, ...}, ...}``; checked against ``index.json`` before training.
+- ``count_tokens(batch) -> int``: tokens processed in a batch (tokens/s, MFU); default: numel of
+  ``batch["tokens"]`` when present, else the batch size.
+- ``flops_per_token(model, cfg) -> float``: training FLOPs per token for MFU; default 6·N.
+- ``model_config(cfg) -> dict``: JSON config written next to exported weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+__all__ = ["TrainSpec", "register_train_spec", "get_train_spec", "list_train_specs"]
+
+
+@dataclass
+class TrainSpec:
+    name: str
+    data_kind: str  # "tokens" | "audio"
+    build_model: Callable[[dict], Any]
+    build_example: Callable[[dict, Any, dict], Optional[dict]]
+    collate: Callable[[list], dict]
+    loss: Callable[[Any, dict], tuple]
+    custom_step: Optional[Callable[[Any, dict], tuple]] = None
+    # optional hooks
+    configure: Optional[Callable[[dict], None]] = None
+    expected_fingerprints: Optional[Callable[[dict], dict]] = None
+    count_tokens: Optional[Callable[[dict], int]] = None
+    flops_per_token: Optional[Callable[[Any, dict], float]] = None
+    model_config: Optional[Callable[[dict], dict]] = None
+    description: str = ""
+
+    def __post_init__(self):
+        if self.data_kind not in ("tokens", "audio"):
+            raise ValueError(f"TrainSpec {self.name!r}: data_kind must be 'tokens' or 'audio', got {self.data_kind!r}")
+
+
+_REGISTRY: dict[str, TrainSpec] = {}
+
+
+def register_train_spec(spec: TrainSpec, *, overwrite: bool = False) -> TrainSpec:
+    """Register a spec under ``spec.name``; registering a different spec under a taken name is an
+    error unless ``overwrite``."""
+    old = _REGISTRY.get(spec.name)
+    if old is not None and old is not spec and not overwrite:
+        raise ValueError(f"a TrainSpec named {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load_builtin_specs() -> None:
+    """Import the modules that register specs: ``musiclm/train/*_stage(s).py`` and ``*_spec.py``
+    (e.g. lm_stages, mulan_stage, codec_stage), and ``musiclm.<part>.train_spec`` where present,
+    so ``--stage NAME`` works without the caller importing anything."""
+    import importlib
+    import pkgutil
+
+    import musiclm.train as pkg
+
+    names = [f"musiclm.train.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)
+             if m.name.endswith(("_stage", "_stages", "_spec"))]
+    names += ["musiclm.mulan.train_spec", "musiclm.codec.train_spec"]
+    for mod in names:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # only a missing optional module is fine
+            if e.name != mod and not mod.startswith(f"{e.name}."):
+                raise
+
+
+def get_train_spec(name: str) -> TrainSpec:
+    if name not in _REGISTRY:
+        _load_builtin_specs()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown training stage {name!r}; registered: {sorted(_REGISTRY)}") from None
+
+
+def list_train_specs() -> list[str]:
+    _load_builtin_specs()
+    return sorted(_REGISTRY)
