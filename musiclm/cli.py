@@ -100,6 +100,15 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- evaluation ------------------------------------------------------------------------------
+
+
+def _eval_retrieval(args: argparse.Namespace) -> int:
+    from musiclm.eval.retrieval import run_from_args
+
+    return run_from_args(args)
+
+
 # --- benchmarks ------------------------------------------------------------------------------
 
 
@@ -170,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+
+    ev = sub.add_parser("eval", help="evaluation families")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    p = add("retrieval", _eval_retrieval, "text<->audio Recall@k, median rank, similarity PNG, "
+            "tempo probe, quantizer agreement for any AudioTextEmbedder", ev_sub)
+    from musiclm.eval.retrieval import add_arguments as _retrieval_args
+
+    _retrieval_args(p)
 
     p = add("bench", _bench, "benchmarks, printed as JSON")
     p.add_argument("part", choices=["shards", "tokenize", "train", "lm", "scaling"])

@@ -1,28 +1,67 @@
 #!/usr/bin/env bash
 # `make demo`: the whole pipeline on the embedded default (one machine, local Ray, DeepSpeed on CPU).
-# DEMO_SCALE=small (200 clips, default) or full (1,000 clips: the first user's corpus size).
+#   DEMO_SCALE=small (200 clips, default) or full (1,000 clips: the first user's corpus size)
+#   DEMO_MINUTES=N   wall-clock budget per trained model (default 3; train.max_minutes)
+# Every step is resumable: rerunning skips finished shards and resumes training from checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 
 case "${DEMO_SCALE:-small}" in
   small) CLIPS=200 ;;
   full)  CLIPS=1000 ;;
   *) echo "DEMO_SCALE must be small or full, got '${DEMO_SCALE}'" >&2; exit 2 ;;
 esac
+MINUTES=${DEMO_MINUTES:-3}
 DATA=data/rapbeats
+MODELS=models/demo
+TOK=launch/configs/demo/tokenizers.yaml
 SECONDS=0
-
 step() { printf '\n=== [%4ds] %s\n' "$SECONDS" "$*"; }
+train() {  # train STAGE CONFIG NPROC [ARGS...]: the real deepspeed launcher, one run dir per stage
+  local stage=$1 config=$2 nproc=$3; shift 3
+  deepspeed --num_gpus "$nproc" --master_port $((29500 + RANDOM % 1000)) launch/train.py \
+    --stage "$stage" --config "$config" --deepspeed_config deepspeed_configs/cpu.json \
+    --run_dir "runs/demo/$stage" --resume auto --set train.max_minutes="$MINUTES" "$@"
+}
 
 step "1. demo corpus: $CLIPS synthetic rap instrumentals (10 s, 24 kHz) -> $DATA"
 if [ -f "$DATA/manifest.jsonl" ] && [ "$(wc -l < "$DATA/manifest.jsonl")" -eq "$CLIPS" ]; then
   echo "already there ($CLIPS clips); remove $DATA to regenerate"
 else
+  rm -rf "$DATA"
   musiclm demo-corpus --out "$DATA" --clips "$CLIPS" --seed 0 --workers 2 \
     --spectrograms "$DATA/spectrograms.png"
 fi
 musiclm manifest check "$DATA/manifest.jsonl"
 
-step "done in ${SECONDS}s"
+step "2. audio shards (Ray): shards/rapbeats/audio"
+python ray_jobs/pack_audio.py --manifest "$DATA/manifest.jsonl" --config "$TOK" --out shards
+
+step "3. MuLaN: contrastive audio/text training on the audio shards (deepspeed, ${MINUTES} min budget)"
+train mulan launch/configs/mulan.yaml 1
+musiclm export runs/demo/mulan --out "$MODELS/mulan/mulan.safetensors"
+musiclm eval retrieval --embedder "$MODELS/mulan" --data shards/rapbeats/audio --split eval \
+  --out runs/demo/mulan/eval --quantizer fit --probe-splits train,eval | tail -n 40
+
+step "4. tokenizers: EnCodec 24 kHz (RANDOM weights, real architecture: no hub access here), MFCC k-means, MuLaN quantizer"
+echo "NOTE: acoustic tokens come from a randomly initialised EnCodec until our SoundStream exists;"
+echo "      MuLaN tokens come from the MuLaN trained in step 3."
+[ -f "$MODELS/encodec_24khz/config.json" ] || python -c \
+  "from musiclm.codec.encodec import random_encodec_24khz as r; r('$MODELS/encodec_24khz')"
+python ray_jobs/fit_kmeans.py    --manifest "$DATA/manifest.jsonl" --config "$TOK"
+python ray_jobs/fit_quantizer.py --manifest "$DATA/manifest.jsonl" --config "$TOK"
+
+step "5. token shards (Ray): shards/rapbeats/tokens-<fingerprint>"
+python ray_jobs/tokenize.py --manifest "$DATA/manifest.jsonl" --config "$TOK" --out shards
+TOKENS=$(ls -td shards/rapbeats/tokens-*/ | head -n 1); TOKENS=${TOKENS%/}  # the newest: this run's tokenizers
+musiclm shards verify "$TOKENS" | head -n 30
+
+step "6. stage transformers: semantic, coarse, fine (deepspeed, 2 processes, ${MINUTES} min each)"
+for stage in semantic coarse fine; do
+  train "$stage" "launch/configs/$stage.yaml" 2 --shards "$TOKENS"
+  echo "loss curves: runs/demo/$stage/loss.png"
+done
+
+step "done in ${SECONDS}s: tensorboard --logdir runs/demo"

@@ -1,0 +1,12 @@
+"""Evaluation families, one module each, run as ``musiclm eval <family>``.
+
+* :mod:`musiclm.eval.retrieval` -- text<->audio Recall@1/5/10, median rank, a similarity-matrix PNG
+  and a tempo probe for any :class:`~musiclm.mulan.embedder.AudioTextEmbedder` (our MuLaN, CLAP).
+
+Each module exposes ``add_arguments(parser)`` and ``run_from_args(args)`` for the CLI and a plain
+function (e.g. :func:`musiclm.eval.retrieval.evaluate_retrieval`) returning a JSON-able dict.
+Modules are imported on demand (``importlib.import_module(f"musiclm.eval.{family}")``) so
+``import musiclm.eval`` stays cheap.
+"""
+
+FAMILIES = ("retrieval",)
