@@ -8,6 +8,7 @@ process); each test gets a fresh bucket and the AWS_* environment pointing at th
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +30,13 @@ def moto_s3(moto_server, monkeypatch) -> str:
     for name, value in moto_server.env().items():
         monkeypatch.setenv(name, value)
     return moto_server.create_bucket()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread for in-process tests. On 2 cores shared with Ray / DeepSpeed subprocesses,
+    OpenMP threads spin against each other (tiny-model steps measured 20-100x slower with two)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

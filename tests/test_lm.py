@@ -16,15 +16,6 @@ TOKENS = dict(acoustic_levels=4, acoustic_codebook=32, acoustic_rate=75, coarse_
               cond_levels=3, cond_codebook=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: one thread is fastest and does not fight other processes for the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_sample(seconds=4.0, seed=0, tokens=TOKENS):
     """A shard sample whose streams encode time: semantic[t] = t, acoustic[q, t] = t // 3 + q (the
     semantic frame it falls in), so alignment can be read back from the tokens."""

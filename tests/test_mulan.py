@@ -29,16 +29,6 @@ def _flac(wav: np.ndarray, sr: int = SR) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two cores shared with other processes: one intra-op thread avoids OpenMP oversubscription
-    (12 tiny steps take 0.7 s with one thread, 17 s with two on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Audio shards (train + eval) of demo beats, one corrupt sample in train, + a tokenizer."""

@@ -12,15 +12,6 @@ import torch
 from musiclm.quantize import QUANTIZER_PRESETS, MuLaNEmbedQuantizer, ResidualVQ
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """2 shared cores: intra-op threads spin against other processes (100x slower under load)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def clustered(n=300, dim=32, clusters=6, noise=0.03, seed=0, normalize=True) -> np.ndarray:
     g = np.random.default_rng(seed)
     centers = g.standard_normal((clusters, dim))

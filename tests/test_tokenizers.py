@@ -34,15 +34,6 @@ from musiclm.tokenizers import BUNDLE_FILE, BundleMismatch, build_tokenizers, lo
 COMMON_KEYS = ("kind", "name", "config", "weights_sha256", "sample_rate")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """2 shared cores: intra-op threads spin against other processes (100x slower under load)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_models")
