@@ -579,3 +579,23 @@ def resolve_device(device: str) -> str:
     if device in ("auto", "cuda"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def run_actor_over_groups(args, job: str, actor_cls, actor_kwargs: dict, *, sample_rate: int,
+                          segment_seconds: float, describe: str):
+    """The fitting jobs' shared pipeline: plan groups of clips, decode + segment them in CPU tasks,
+    run ``actor_cls`` (a model replica per worker) over them, collect what each group returns.
+
+    Returns (records, arrays, plan_errors, progress, worker plan, ray info)."""
+    groups, plan_errors, plan = make_plan(args, job, {}, clips_per_group=args.clips_per_task)
+    log(f"[{job}] {plan['clips']} clips ({len(groups)} tasks), {describe}")
+    ray_info = init_ray(args)
+    wp = worker_plan(args, ray_info)
+    progress = Progress(job, len(groups), plan["clips"])
+    ds = groups_dataset(groups).map(
+        decode_group, num_cpus=args.task_cpus,
+        fn_kwargs=dict(sample_rate=sample_rate, segment_seconds=segment_seconds, grid_seconds=0.0, min_seconds=1.0))
+    ds = actor_stage(ds, actor_cls, wp, dict(actor_kwargs, device=wp["device"], threads=wp["threads"],
+                                             batch_size=args.batch_size))
+    records, arrays = collect_groups(ds, progress)
+    return records, arrays, plan_errors, progress, wp, ray_info

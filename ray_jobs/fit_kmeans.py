@@ -120,20 +120,11 @@ def main(argv: list[str] | None = None) -> dict:
     feats = SemanticFeatures.from_config(feats_cfg)  # lazy: only the feature extractor for the rate
     sample_rate = int(feats.sample_rate)
 
-    groups, plan_errors, plan = C.make_plan(args, "fit_kmeans", {}, clips_per_group=args.clips_per_task)
-    C.log(f"[fit_kmeans] {plan['clips']} clips ({len(groups)} tasks), features {feats!r} at {sample_rate} Hz, "
-          f"k={clusters} -> {out}")
-    ray_info = C.init_ray(args)
-    wp = C.worker_plan(args, ray_info)
-    progress = C.Progress("fit_kmeans", len(groups), plan["clips"])
-    ds = C.groups_dataset(groups)
-    ds = ds.map(C.decode_group, num_cpus=args.task_cpus,
-                fn_kwargs=dict(sample_rate=sample_rate, segment_seconds=segment_seconds, grid_seconds=0.0,
-                               min_seconds=1.0))
-    ds = C.actor_stage(ds, FeatureActor, wp, dict(feats_cfg=feats_cfg, device=wp["device"], threads=wp["threads"],
-                                                  batch_size=args.batch_size, frames_per_clip=frames_per_clip,
-                                                  seed=args.seed))
-    records, arrays = C.collect_groups(ds, progress)
+    records, arrays, plan_errors, progress, wp, ray_info = C.run_actor_over_groups(
+        args, "fit_kmeans", FeatureActor,
+        dict(feats_cfg=feats_cfg, frames_per_clip=frames_per_clip, seed=args.seed),
+        sample_rate=sample_rate, segment_seconds=segment_seconds,
+        describe=f"features {feats!r} at {sample_rate} Hz, k={clusters} -> {out}")
     frames = [a["frames"] for a in arrays if len(a["frames"])]
     if not frames:
         raise SystemExit("[fit_kmeans] no features: every clip failed (see the errors above)")

@@ -99,19 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     mulan_cfg = dict(tok["mulan"])
     sample_rate = int(build_embedder(mulan_cfg).sample_rate)
 
-    groups, plan_errors, plan = C.make_plan(args, "fit_quantizer", {}, clips_per_group=args.clips_per_task)
-    C.log(f"[fit_quantizer] {plan['clips']} clips ({len(groups)} tasks), embedder {mulan_cfg.get('type', 'clap')} "
-          f"at {sample_rate} Hz -> {out}")
-    ray_info = C.init_ray(args)
-    wp = C.worker_plan(args, ray_info)
-    progress = C.Progress("fit_quantizer", len(groups), plan["clips"])
-    ds = C.groups_dataset(groups)
-    ds = ds.map(C.decode_group, num_cpus=args.task_cpus,
-                fn_kwargs=dict(sample_rate=sample_rate, segment_seconds=segment_seconds, grid_seconds=0.0,
-                               min_seconds=1.0))
-    ds = C.actor_stage(ds, EmbedActor, wp, dict(mulan_cfg=mulan_cfg, device=wp["device"], threads=wp["threads"],
-                                                batch_size=args.batch_size))
-    records, arrays = C.collect_groups(ds, progress)
+    records, arrays, plan_errors, progress, wp, ray_info = C.run_actor_over_groups(
+        args, "fit_quantizer", EmbedActor, dict(mulan_cfg=mulan_cfg),
+        sample_rate=sample_rate, segment_seconds=segment_seconds,
+        describe=f"embedder {mulan_cfg.get('type', 'clap')} at {sample_rate} Hz -> {out}")
     embs = [a["embeddings"] for a in arrays if a["embeddings"].size]
     if not embs:
         raise SystemExit("[fit_quantizer] no embeddings: every clip failed (see the errors above)")
