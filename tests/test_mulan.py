@@ -153,7 +153,7 @@ def test_two_processes_gather_the_global_batch(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for c, sizes in enumerate(CASES):
         res = [per_rank[r][c] for r in range(2)]
         total = sum(sizes)

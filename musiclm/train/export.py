@@ -36,11 +36,10 @@ def consolidated_state_dict(tag_dir: str, engine_name: str = ckpt.MAIN_ENGINE) -
         return get_fp32_state_dict_from_zero_checkpoint(tag_dir, tag=engine_name)
     # ZeRO stage 0: the module state dict is in the model-states file
     path = os.path.join(ds_dir, "mp_rank_00_model_states.pt")
-    try:
+    try:  # never unpickle arbitrary objects, even from our own runs
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        # DeepSpeed's own file (written by this run): it may hold non-tensor objects
-        sd = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise RuntimeError(f"{path}: cannot be read with weights_only=True ({err})") from err
     return {k: v.float() for k, v in sd["module"].items()}
 
 
