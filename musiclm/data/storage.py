@@ -263,3 +263,20 @@ def _file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def publish_dir(src: str, dst: str) -> None:
+    """Move a fully written local directory ``src`` to ``dst``, replacing an existing ``dst``.
+
+    Readers see either the old or the new directory under ``dst``, never a half-written one (the
+    old one is moved aside first, then removed)."""
+    import shutil
+
+    if os.path.isdir(dst):
+        old = os.path.join(os.path.dirname(os.path.abspath(dst)), f".old-{os.path.basename(dst)}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from musiclm.data import storage
 from musiclm.mulan.embedder import AudioTextEmbedder
 from musiclm.mulan.model import MuLaN, resolve_config, resolve_pretrained
 
@@ -84,14 +85,7 @@ def save_mulan(model: MuLaN, directory: str, *, extra: dict | None = None) -> st
             meta.update(extra)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(meta, f, indent=2)
-        if os.path.isdir(directory):
-            old = directory + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        storage.publish_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

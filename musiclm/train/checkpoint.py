@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from musiclm.data import storage
+
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
@@ -243,14 +245,7 @@ def save_checkpoint(engines: dict, ckpt_root: str, step: int, trainer_state: dic
         st.update({"complete": True, "tag": tag, "step": int(step), "engines": list(engines),
                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
         write_atomic(os.path.join(partial, STATE_FILE), json.dumps(st, indent=1, default=_json_default))
-        if os.path.exists(final):  # re-saving a step (e.g. stopped right after a resume)
-            old = os.path.join(ckpt_root, f".old-{tag}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(partial, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(partial, final)
+        storage.publish_dir(partial, final)  # re-saving a step (e.g. stopped right after a resume) replaces it
         write_atomic(os.path.join(ckpt_root, LATEST), tag + "\n")
         if keep and keep > 0:
             for _s, old_tag in complete_checkpoints(ckpt_root)[:-keep]:
