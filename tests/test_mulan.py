@@ -308,6 +308,26 @@ def test_retrieval_eval_and_tempo_probe(corpus, tmp_path):
     assert 0 <= q["shared_tokens"]["mean_level_1"] <= 1
 
 
+def test_split_eval_summary_groups_segments_by_clip():
+    """Segments of one clip are one retrieval item (audio averaged); aligned pairs rank first."""
+    from musiclm.train import mulan_stage as st
+
+    torch.manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    # clip c has segments 2c and 2c+1 (slightly different audio), same caption embedding
+    audio = torch.nn.functional.normalize(base.repeat_interleave(2, 0) + 0.05 * torch.randn(10, 16), dim=-1)
+    text = base.repeat_interleave(2, 0)
+    clip = torch.arange(5).repeat_interleave(2) * 7919
+    bpm = torch.tensor([70.0, 70, 80, 80, 90, 90, 100, 100, 110, 110])
+    out = st.eval_summary({"audio": audio, "text": text, "clip": clip, "bpm": bpm}, {})
+    assert out["retrieval/clips"] == 5
+    assert out["retrieval/text_to_audio/R@1"] == 1.0 and out["retrieval/audio_to_text/R@1"] == 1.0
+    assert out["retrieval/text_to_audio/median_rank"] == 1.0
+    assert "tempo_probe/mae_bpm" not in out  # fewer than 8 clips with a bpm: no probe
+    shuffled = st.eval_summary({"audio": audio, "text": text.roll(2, 0), "clip": clip, "bpm": bpm}, {})
+    assert shuffled["retrieval/text_to_audio/R@1"] == 0.0
+
+
 @pytest.mark.slow
 def test_deepspeed_two_ranks_train_export_and_load(corpus, tmp_path):
     """The real engine: `deepspeed --num_gpus 2` on CPU (gloo), ZeRO-2, the mulan stage on audio
@@ -338,6 +358,20 @@ def test_deepspeed_two_ranks_train_export_and_load(corpus, tmp_path):
     train = [r for r in rows if "train/global_batch" in r]
     assert train and all(r["train/global_batch"] == 8 for r in train)  # 2 ranks x 4
     assert any("eval/recall@5/text_to_audio" in r for r in rows)
+    # whole-split retrieval every eval_every steps and at the end, over all 8 eval clips (split
+    # across the 2 ranks and gathered), in metrics.jsonl and TensorBoard
+    split_rows = [r for r in rows if "eval/retrieval/clips" in r]
+    assert [r["step"] for r in split_rows] == [3, 6]
+    last = split_rows[-1]
+    assert last["eval/retrieval/clips"] == N_EVAL
+    r1, r5, r10 = (last[f"eval/retrieval/text_to_audio/R@{k}"] for k in (1, 5, 10))
+    assert 0 <= r1 <= r5 <= r10 == 1.0  # 8 clips: every rank is <= 8 < 10
+    assert 1 <= last["eval/retrieval/text_to_audio/median_rank"] <= N_EVAL
+    assert last["eval/tempo_probe/mae_bpm"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(os.path.join(run_dir, "tb")).Reload()
+    assert "eval/retrieval/text_to_audio/R@1" in tb.Tags()["scalars"]
     # recorded in the run folder once per rank that read it (not once per epoch; shards move
     # between ranks from epoch to epoch)
     skipped = [json.loads(line) for line in open(os.path.join(run_dir, "skipped_samples.jsonl"))]

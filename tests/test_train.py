@@ -295,6 +295,46 @@ def test_eval_batches_same_count_on_every_rank(shards):
     assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(got[1], again))
 
 
+def test_split_batches_cover_the_split_once(shards):
+    """Whole-split eval: every sample exactly once over the ranks, the same number of forwards on
+    every rank, and a batch whose examples were all skipped becomes a stand-in marked not real."""
+    from musiclm.data.shards import shard_reader
+    from musiclm.train import data as tdata
+
+    urls = tdata.shard_urls(shards, "eval")
+    kw = _stream_kwargs(shards)
+    kw.pop("shuffle")
+    keys = [s["__key__"] for s in shard_reader(urls, "eval", shuffle=0, rank=0, world_size=1, repeat=False)]
+    build, base_collate = kw.pop("build_example"), kw.pop("collate")
+
+    def keyed(sample, rng, cfg):  # carry the key through collate
+        ex = build(sample, rng, cfg)
+        ex["key"] = sample["__key__"]
+        return ex
+
+    def collate(exs):
+        out = base_collate([{k: v for k, v in e.items() if k != "key"} for e in exs])
+        out["keys"] = [e["key"] for e in exs]
+        return out
+
+    kw.update(build_example=keyed, collate=collate)
+    for world in (1, 2, 3):
+        got = [list(tdata.split_batches(urls, "eval", rank=r, world_size=world, **kw)) for r in range(world)]
+        assert len({len(g) for g in got}) == 1  # same number of forwards everywhere
+        seen = [k for g in got for b, real in g if real for k in b["keys"]]
+        assert sorted(seen) == sorted(keys)  # each sample exactly once
+    # max_samples caps the pass
+    capped = list(tdata.split_batches(urls, "eval", rank=0, world_size=1, max_samples=6, **kw))
+    assert [k for b, _ in capped for k in b["keys"]] == keys[:6]
+    # a batch that loses every example -> stand-in, not real; the other batches stay real
+    drop = set(keys[4:8])
+    kw["build_example"] = lambda s, rng, cfg: None if s["__key__"] in drop else keyed(s, rng, cfg)
+    got = list(tdata.split_batches(urls, "eval", rank=0, world_size=1, **kw))
+    flags = [real for _, real in got]
+    assert flags[1] is False and all(flags[:1] + flags[2:])
+    assert sorted(k for b, real in got if real for k in b["keys"]) == sorted(set(keys) - drop)
+
+
 def test_checkpoint_completeness_and_atomic_latest(tmp_path):
     from musiclm.train import checkpoint as ckpt
 

@@ -91,12 +91,16 @@ def load_embedder(spec: Any, device: str = "cpu"):
     return ClapEmbedder(target, device=device)
 
 
-def _bpm_of(record: dict) -> float | None:
+def bpm_of(record: dict) -> float | None:
+    """The ``bpm`` of a manifest record / shard json (top level, ``tags`` or ``attributes``)."""
     for src in (record, record.get("tags") or {}, record.get("attributes") or {}):
         v = src.get("bpm") if isinstance(src, dict) else None
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             return float(v)
     return None
+
+
+_bpm_of = bpm_of  # old private name
 
 
 def _items_from_manifest(path: str, split: str | None, sample_rate: int) -> list[dict]:
@@ -115,7 +119,7 @@ def _items_from_manifest(path: str, split: str | None, sample_rate: int) -> list
             continue
         rec = dict(clip.extra)
         items.append({"id": clip.id, "caption": clip.caption, "wav": wav.float(),
-                      "bpm": _bpm_of(rec)})
+                      "bpm": bpm_of(rec)})
     return items
 
 
@@ -134,7 +138,7 @@ def _items_from_shards(source: Any, split: str | None, sample_rate: int) -> list
             log.warning("retrieval: skipping %s: %s", s.get("__key__"), e)
             continue
         c = clips.setdefault(cid, {"id": cid, "caption": js.get("caption"), "parts": [],
-                                   "bpm": _bpm_of(js)})
+                                   "bpm": bpm_of(js)})
         c["parts"].append((float(js.get("start") or 0.0), wav.float()))
     items = []
     for c in clips.values():
@@ -269,8 +273,10 @@ def _load_or_fit_quantizer(quantizer: Any, emb, data: Any, split_train: str, max
     # fit on the audio embeddings of the training split, as the tokenization job does
     items = load_items(data, split_train, emb.sample_rate, max_items)
     audio, _ = _embed(emb, items, with_text=False)
-    kw = {"codebook_size": int(codebook_size)} if codebook_size else {}
-    q = MuLaNEmbedQuantizer.from_preset(emb.dim, **kw).fit(audio)
+    from musiclm.quantize import auto_codebook_size
+
+    size = int(codebook_size) if codebook_size else auto_codebook_size(len(audio))
+    q = MuLaNEmbedQuantizer.from_preset(emb.dim, codebook_size=size).fit(audio)
     return q, len(items)
 
 
@@ -344,7 +350,8 @@ def evaluate_retrieval(embedder: Any, data: Any, *, split: str | None = "eval",
     (mae_bpm, baseline_mae_bpm, r2), ``embedder`` (fingerprint name/dim), timings.
 
     ``quantizer``: a MuLaNEmbedQuantizer, its directory, or ``"fit"`` (fit one on the audio
-    embeddings of ``train_split``, codebook ``quantizer_codebook`` or the preset's) adds
+    embeddings of ``train_split``, codebook ``quantizer_codebook`` or sized to the number of
+    embeddings, :func:`musiclm.quantize.auto_codebook_size`) adds
     ``quantizer``: reconstruction cosine of eval audio and text embeddings and how often text and
     audio of the same clip share tokens (:func:`quantizer_report`)."""
     t0 = time.perf_counter()
@@ -430,7 +437,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "embeddings): adds reconstruction cosine and text/audio shared tokens")
     p.add_argument("--train-split", default="train", help="split the 'fit' quantizer is fitted on")
     p.add_argument("--quantizer-codebook", type=int, default=None,
-                   help="codebook size of a fitted quantizer (default: the preset's 1024)")
+                   help="codebook size of a fitted quantizer (default: sized to the train split, "
+                        "musiclm.quantize.auto_codebook_size: 64 for ~1,000 clips, at most 1024)")
     return p
 
 

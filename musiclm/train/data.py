@@ -357,6 +357,57 @@ def eval_batches(urls: list[str], split: str, *, build_example, collate, cfg: di
             g += 1
 
 
+def split_batches(urls: list[str], split: str, *, build_example, collate, cfg: dict, batch_size: int,
+                  rank: int = 0, world_size: int = 1, seed: int = 0,
+                  max_samples: int | None = None) -> Iterator[tuple[dict, bool]]:
+    """One pass over (the first ``max_samples`` samples of) a split, for metrics that need the
+    whole split at once (e.g. retrieval over every eval clip).
+
+    Sample ``i`` belongs to batch ``i // batch_size`` and batch ``b`` to rank ``b % world_size``, so
+    the ranks together see every sample exactly once. Yields ``(batch, real)``: every rank yields
+    the same number of batches (ZeRO-3 needs the same number of forwards on every rank); a rank with
+    fewer real batches, or whose batch lost every example to ``build_example`` returning None, gets
+    a stand-in batch with ``real=False`` whose outputs the caller drops."""
+    if not urls:
+        return
+    limit = None if max_samples is None or int(max_samples) <= 0 else int(max_samples)
+    mine: list[list[tuple[int, dict]]] = []
+    fallback: list[tuple[int, dict]] = []  # the split's first samples: a stand-in for empty batches
+    n = 0
+    reader = _shards.shard_reader(urls, split, shuffle=0, seed=seed, epoch=0, rank=0, world_size=1, repeat=False)
+    for i, sample in enumerate(reader):
+        if limit is not None and i >= limit:
+            break
+        n = i + 1
+        if len(fallback) < batch_size:
+            fallback.append((i, sample))
+        b = i // batch_size
+        if b % world_size == rank:
+            if not mine or mine[-1][0][0] // batch_size != b:
+                mine.append([])
+            mine[-1].append((i, sample))
+    if n == 0:
+        return
+    per_rank = -(-(-(-n // batch_size)) // world_size)  # ceil(ceil(n / bs) / world)
+
+    def build(group):
+        exs = [build_example(s, sample_rng(seed, 0, s.get("__key__", i), salt=1), cfg) for i, s in group]
+        exs = [e for e in exs if e is not None]
+        return collate(exs) if exs else None
+
+    stand_in = None
+    for j in range(per_rank):
+        batch = build(mine[j]) if j < len(mine) else None
+        if batch is not None:
+            yield batch, True
+            continue
+        if stand_in is None:
+            stand_in = build(fallback)
+            if stand_in is None:
+                raise ValueError(f"split {split!r}: no sample of its first {len(fallback)} builds an example")
+        yield stand_in, False
+
+
 def reader_throughput(urls: list[str], split: str, *, build_example, collate, cfg: dict, batch_size: int,
                       seconds: float = 5.0, seed: int = 0) -> dict:
     """Samples/s of the input pipeline alone (read + decode + build + collate), one rank."""

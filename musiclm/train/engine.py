@@ -20,7 +20,9 @@ this module does the rest, once:
   ``--resume auto`` continues from the newest complete checkpoint, converting it to a universal
   checkpoint first when the world size changed;
 - TensorBoard + metrics.jsonl + loss.png (``musiclm.train.monitor``), tqdm on rank 0;
-- eval loss on the held-out split every ``train.eval_every`` steps.
+- eval loss on the held-out split every ``train.eval_every`` steps; for stages with split-level
+  metrics (``TrainSpec.eval_outputs``/``eval_summary``, e.g. MuLaN retrieval R@k over every eval
+  clip) one pass over the whole eval split every ``train.split_eval_every`` steps and at the end.
 
 Config (YAML) keys used here; the stage reads its own (``tokens``, ``model``, ``cond_dropout``)::
 
@@ -43,6 +45,8 @@ Config (YAML) keys used here; the stage reads its own (``tokens``, ``model``, ``
       log_every: 10
       eval_every: 200
       eval_batches: 4
+      split_eval_every: null   # whole-split metrics (stages that define them); default eval_every
+      split_eval_samples: 1000 # at most this many eval samples for them
       checkpoint_every: 200
       keep_checkpoints: 3
       peak_flops: null         # FLOP/s of one device for MFU (CPU: set it; known GPUs: detected)
@@ -446,6 +450,10 @@ class Trainer:
 
         log_every = max(1, int(self.tcfg.get("log_every", 10)))
         eval_every = int(self.tcfg.get("eval_every", 0) or 0)
+        split_every = 0
+        if self.spec.eval_outputs is not None:
+            split_every = int(self.tcfg.get("split_eval_every") or eval_every or 0)
+        last_split_eval = None
         ckpt_every = int(self.tcfg.get("checkpoint_every", 0) or 0)
         keep = self.tcfg.get("keep_checkpoints", 3)
         max_minutes = self.tcfg.get("max_minutes")
@@ -557,6 +565,9 @@ class Trainer:
                     if self.rank == 0 and ev:
                         monitor.log(step, ev)
                         self.log(f"step {step}: eval loss {ev.get('eval/loss', float('nan')):.4f}")
+                if split_every and step % split_every == 0 and eval_urls:
+                    self._split_eval(step, eval_urls, micro, monitor)
+                    last_split_eval = step
 
                 if sig_flag > 0:
                     stop_reason = "signal"
@@ -572,6 +583,8 @@ class Trainer:
                     break
             if last_saved != step:
                 save(step)
+            if split_every and last_split_eval != step and eval_urls and stop_reason != "signal":
+                self._split_eval(step, eval_urls, micro, monitor)
             if self.tcfg.get("probe_logits") and eval_urls:
                 self.probe_logits(eval_urls, micro)
         finally:
@@ -650,6 +663,46 @@ class Trainer:
         keys = sorted(sums)
         red = self._all_reduce(torch.tensor([sums[k] / count for k in keys], dtype=torch.float64))
         return {f"eval/{k}": float(v) / self.world_size for k, v in zip(keys, red.tolist())}
+
+    @torch.no_grad()
+    def split_evaluate(self, eval_urls: list[str], batch_size: int) -> dict:
+        """Whole-split metrics of the spec (``eval_outputs`` on every eval batch, split across the
+        ranks; rows gathered in split order; ``eval_summary`` on rank 0). Returns ``{eval/<name>}``
+        on rank 0, {} elsewhere."""
+        split = (self.cfg.get("data") or {}).get("eval_split", "eval")
+        engine = self.engine
+        engine.eval()
+        rows: list[tuple[int, dict]] = []  # (global batch number, outputs)
+        try:
+            for j, (batch, real) in enumerate(tdata.split_batches(
+                    eval_urls, split, build_example=self.spec.build_example, collate=self.spec.collate,
+                    cfg=self.eval_cfg, batch_size=batch_size, rank=self.rank, world_size=self.world_size,
+                    seed=self.seed, max_samples=int(self.tcfg.get("split_eval_samples", 1000) or 0))):
+                out = self.spec.eval_outputs(engine, self._to_device(batch))
+                if real:
+                    rows.append((j * self.world_size + self.rank,
+                                 {k: v.detach().float().cpu() if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+                                  for k, v in out.items()}))
+        finally:
+            engine.train()
+        if torch.distributed.is_initialized() and self.world_size > 1:
+            gathered: list = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        if self.rank != 0 or not rows:
+            return {}
+        rows.sort(key=lambda r: r[0])
+        outputs = {k: torch.cat([r[1][k] for r in rows]) for k in rows[0][1]}
+        summary = self.spec.eval_summary(outputs, self.cfg)
+        return {f"eval/{k}": float(v) for k, v in summary.items()}
+
+    def _split_eval(self, step: int, eval_urls: list[str], batch_size: int, monitor) -> None:
+        t0 = time.time()
+        ev = self.split_evaluate(eval_urls, batch_size)
+        if self.rank == 0 and ev:
+            monitor.log(step, ev)
+            shown = ", ".join(f"{k[5:]} {v:.3g}" for k, v in list(ev.items())[:6])
+            self.log(f"step {step}: split eval ({time.time() - t0:.1f}s): {shown}")
 
     @torch.no_grad()
     def probe_logits(self, eval_urls: list[str], batch_size: int) -> None:

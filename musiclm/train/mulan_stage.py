@@ -26,6 +26,13 @@ Metrics per step (same names every step): ``accuracy`` (in-batch top-1, both dir
 ``accuracy/audio_to_text``, ``accuracy/text_to_audio``, ``loss/audio_to_text``,
 ``loss/text_to_audio``, ``temperature``, ``global_batch`` (rows that every local row is scored
 against, = the summed batch of all ranks), ``recall@{1,5,10}/text_to_audio`` over the global batch.
+
+Whole-split metrics (``eval_outputs``/``eval_summary``, every ``train.split_eval_every`` steps and at
+the end): the audio and text embeddings of every eval sample (at most ``train.split_eval_samples``),
+averaged per clip (a clip cut into several segments is one retrieval item), then text->audio and
+audio->text Recall@1/5/10, median rank and R@10 over chance (``eval/retrieval/...``, the same numbers
+``musiclm eval retrieval`` prints), and a cross-validated ridge probe of BPM from the audio embedding
+where the samples carry a ``bpm`` tag (``eval/tempo_probe/mae_bpm`` against the mean predictor's).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from musiclm.train.spec import TrainSpec, register_train_spec
 log = logging.getLogger(__name__)
 
 __all__ = ["build_model", "build_example", "collate", "loss", "skipped_samples", "SPEC",
-           "model_config", "decode_flac"]
+           "model_config", "decode_flac", "eval_outputs", "eval_summary"]
 
 _LOCK = threading.Lock()
 _SKIPPED: list[dict] = []
@@ -179,8 +186,20 @@ def build_example(sample: dict, rng: np.random.Generator, cfg: dict) -> dict | N
     feats = frontend(wav)
     length = feats.shape[0] if frontend.kind == "ast" else feats.shape[-1]
     ids = tok.encode(cap)
+    from musiclm.eval.retrieval import bpm_of
+
+    bpm = bpm_of(js)
+    clip = str(js.get("clip_id") or str(sample.get("__key__", "")).split("__")[0])
     return {"audio": feats, "audio_length": int(length),
-            "input_ids": torch.as_tensor(ids, dtype=torch.long)}
+            "input_ids": torch.as_tensor(ids, dtype=torch.long),
+            "bpm": float("nan") if bpm is None else bpm, "clip": _clip_number(clip)}
+
+
+def _clip_number(clip_id: str) -> int:
+    """A stable 63-bit number for a clip id (batches carry tensors, not strings)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(clip_id.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -204,7 +223,11 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
         k = len(e["input_ids"])
         ids[i, :k] = e["input_ids"]
         mask[i, :k] = 1
-    return {"audio": audio, "audio_lengths": lengths, "input_ids": ids, "attention_mask": mask}
+    out = {"audio": audio, "audio_lengths": lengths, "input_ids": ids, "attention_mask": mask}
+    if all("clip" in e for e in examples):
+        out["bpm"] = torch.as_tensor([float(e.get("bpm", float("nan"))) for e in examples], dtype=torch.float32)
+        out["clip"] = torch.as_tensor([int(e["clip"]) for e in examples], dtype=torch.long)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,6 +308,46 @@ def loss(model: Any, batch: dict) -> tuple[torch.Tensor, dict]:
     return value, metrics
 
 
+def eval_outputs(model: Any, batch: dict) -> dict:
+    """Per-sample rows for the whole-split evaluation: both embeddings, BPM tag, clip number."""
+    out = model(audio=batch["audio"], audio_lengths=batch.get("audio_lengths"),
+                input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    n = out["audio"].shape[0]
+    return {"audio": out["audio"], "text": out["text"],
+            "bpm": batch.get("bpm", torch.full((n,), float("nan"))),
+            "clip": batch.get("clip", torch.arange(n))}
+
+
+def eval_summary(outputs: dict, cfg: dict) -> dict:
+    """Retrieval over every eval clip (segments of one clip averaged) + the BPM probe."""
+    from musiclm.eval.retrieval import retrieval_metrics, tempo_probe
+
+    audio, text = outputs["audio"].double(), outputs["text"].double()
+    clips = outputs["clip"].long()
+    uniq, inverse = torch.unique(clips, sorted=False, return_inverse=True)
+    first = torch.full((len(uniq),), len(clips), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(len(clips)), reduce="amin")
+    order = torch.argsort(first)  # clips in split order
+    a = torch.zeros(len(uniq), audio.shape[1], dtype=audio.dtype).index_add_(0, inverse, audio)[order]
+    a = torch.nn.functional.normalize(a, dim=-1)
+    t = text[first[order]]
+    bpm = outputs["bpm"].double()[first[order]]
+    r = retrieval_metrics(t.numpy(), a.numpy())
+    out = {"retrieval/clips": float(r["n"]),
+           "retrieval/text_to_audio_R@10_over_chance": r["text_to_audio_R@10_over_chance"]}
+    for direction in ("text_to_audio", "audio_to_text"):
+        for k, v in r[direction].items():
+            if k != "mean_rank":
+                out[f"retrieval/{direction}/{k}"] = v
+    ok = torch.isfinite(bpm)
+    if int(ok.sum()) >= 8:  # a 5-fold probe needs a few clips per fold
+        p = tempo_probe(a[ok].numpy(), bpm[ok].numpy())
+        if "mae_bpm" in p:
+            out["tempo_probe/mae_bpm"] = p["mae_bpm"]
+            out["tempo_probe/baseline_mae_bpm"] = p["baseline_mae_bpm"]
+    return out
+
+
 def count_tokens(batch: dict) -> int:
     """Samples in the batch (an audio clip is the unit of throughput here)."""
     return int(batch["audio"].shape[0])
@@ -323,4 +386,5 @@ SPEC = register_train_spec(TrainSpec(
     name="mulan", data_kind="audio", build_model=build_model, build_example=build_example,
     collate=collate, loss=loss, configure=configure, count_tokens=count_tokens,
     flops_per_token=flops_per_token, model_config=model_config,
+    eval_outputs=eval_outputs, eval_summary=eval_summary,
     description="MuLaN audio/text contrastive model (musiclm.mulan)"), overwrite=True)

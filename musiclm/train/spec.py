@@ -39,6 +39,13 @@ Optional hooks (defaults are fine for most specs):
   ``batch["tokens"]`` when present, else the batch size.
 - ``flops_per_token(model, cfg) -> float``: training FLOPs per token for MFU; default 6·N.
 - ``model_config(cfg) -> dict``: JSON config written next to exported weights.
+- ``eval_outputs(model, batch) -> dict`` and ``eval_summary(outputs, cfg) -> dict``: metrics that
+  need the whole eval split at once (retrieval over every clip, a probe). Every
+  ``train.split_eval_every`` steps (default: ``eval_every``) the engine runs ``eval_outputs`` on
+  every batch of the eval split (at most ``train.split_eval_samples`` samples, default 1000), split
+  across the ranks; it returns per-example rows (``{name: tensor [B, ...]}``). The rows of all
+  batches and ranks are concatenated in split order and rank 0 calls ``eval_summary`` on them; its
+  ``{name: float}`` is logged as ``eval/<name>`` (TensorBoard, metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -64,11 +71,15 @@ class TrainSpec:
     count_tokens: Optional[Callable[[dict], int]] = None
     flops_per_token: Optional[Callable[[Any, dict], float]] = None
     model_config: Optional[Callable[[dict], dict]] = None
+    eval_outputs: Optional[Callable[[Any, dict], dict]] = None
+    eval_summary: Optional[Callable[[dict, dict], dict]] = None
     description: str = ""
 
     def __post_init__(self):
         if self.data_kind not in ("tokens", "audio"):
             raise ValueError(f"TrainSpec {self.name!r}: data_kind must be 'tokens' or 'audio', got {self.data_kind!r}")
+        if (self.eval_outputs is None) != (self.eval_summary is None):
+            raise ValueError(f"TrainSpec {self.name!r}: eval_outputs and eval_summary go together")
 
 
 _REGISTRY: dict[str, TrainSpec] = {}
