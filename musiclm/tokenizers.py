@@ -39,7 +39,7 @@ import torch
 from .codec import AcousticTokenizer, build_acoustic
 from .codec.base import as_batch, canonical_json
 from .mulan import AudioTextEmbedder, build_embedder
-from .quantize import QUANTIZER_PRESETS, MuLaNEmbedQuantizer
+from .quantize import QUANTIZER_PRESETS, MuLaNEmbedQuantizer, auto_codebook_size
 from .semantic import SemanticFeatures, SemanticTokenizer, build_semantic
 
 __all__ = [
@@ -126,14 +126,21 @@ class TokenizerBundle:
             out["semantic"] = self.semantic_features.rate
         return out
 
-    def new_quantizer(self, dim: int | None = None) -> MuLaNEmbedQuantizer:
+    def new_quantizer(self, dim: int | None = None, num_embeddings: int | None = None) -> MuLaNEmbedQuantizer:
         """An unfitted :class:`MuLaNEmbedQuantizer` with the config's settings (``preset``,
-        ``levels``, ``codebook_size``, ``namespaces``) and the embedder's dim."""
+        ``levels``, ``codebook_size``, ``namespaces``) and the embedder's dim.
+        ``codebook_size: auto`` sizes the codebooks to the ``num_embeddings`` it will be fitted on
+        (:func:`musiclm.quantize.auto_codebook_size`, at most the preset's size)."""
         q = _quantizer_section(self.config.get("quantizer"))
         params = dict(QUANTIZER_PRESETS[q.get("preset", "default")])
         for key in ("levels", "codebook_size", "namespaces"):
             if key in q:
                 params[key] = q[key]
+        if params["codebook_size"] == "auto":
+            if num_embeddings is None:
+                raise ValueError("quantizer codebook_size: auto needs the number of embeddings it is fitted on")
+            cap = QUANTIZER_PRESETS[q.get("preset", "default")]["codebook_size"]
+            params["codebook_size"] = auto_codebook_size(num_embeddings, cap=cap)
         if dim is None:
             if self.embedder is None:
                 raise ValueError("new_quantizer needs dim= when the bundle has no MuLaN embedder")

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "fewer vectors than codes" on small corpora: reported below
         # Only the quantizer section: its preset / levels / codebook_size / namespaces; no model loads.
-        quant = build_tokenizers({"quantizer": q}).new_quantizer(dim=int(x.shape[1]))
+        # codebook_size: auto -> sized to len(x) (musiclm.quantize.auto_codebook_size)
+        quant = build_tokenizers({"quantizer": q}).new_quantizer(dim=int(x.shape[1]), num_embeddings=len(x))
         t_fit = time.time()
         quant.fit(x, seed=args.seed, max_samples=args.max_samples)
     fit_s = time.time() - t_fit
@@ -121,11 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
     summary = _summary("fit_quantizer", out, records, errors, progress, wp, ray_info, t_start)
     cos = quant.reconstruction_cosine(x[: min(len(x), 2048)])
     summary.update(embeddings=int(len(x)), dim=int(x.shape[1]), fit_s=round(fit_s, 3), errors_file=errors_url,
+                   levels=int(quant.levels), codebook_size=int(quant.codebook_size),
                    reconstruction_cosine={k: round(float(v), 4) for k, v in cos.items()},
                    fingerprint_weights_sha256=quant.fingerprint().get("weights_sha256"))
-    if len(x) < quant.config().get("codebook_size", 1024):
-        C.log(f"[fit_quantizer] note: {len(x)} embeddings for codebooks of {quant.config().get('codebook_size')} "
-              f"codes: fewer distinct codes are used (fine for a demo, fit on a larger corpus for real runs)")
+    if len(x) < 4 * quant.codebook_size:
+        C.log(f"[fit_quantizer] note: {len(x)} embeddings for codebooks of {quant.codebook_size} codes: many "
+              f"codes stay empty and text/audio rarely share tokens; `codebook_size: auto` sizes them to the corpus")
     C.print_summary(summary)
     return summary
 

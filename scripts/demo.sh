@@ -61,8 +61,13 @@ TOKENS=$(ls -td shards/rapbeats/tokens-*/ | head -n 1); TOKENS=${TOKENS%/}  # th
 musiclm shards verify "$TOKENS" | head -n 30
 
 step "6. stage transformers: semantic, coarse, fine (deepspeed, 2 processes, ${MINUTES} min each)"
+# the conditioning vocabulary is the fitted quantizer's (codebook_size: auto in $TOK)
+COND=$(python -c "import json; c = json.load(open('$MODELS/quantizer/config.json')); print(c['levels'], c['codebook_size'])")
+read -r COND_LEVELS COND_CODEBOOK <<< "$COND"
+echo "MuLaN conditioning tokens: $COND_LEVELS levels x $COND_CODEBOOK codes per namespace"
 for stage in semantic coarse fine; do
-  train "$stage" "launch/configs/$stage.yaml" 2 --shards "$TOKENS"
+  train "$stage" "launch/configs/$stage.yaml" 2 --shards "$TOKENS" \
+    --set tokens.cond_levels="$COND_LEVELS" --set tokens.cond_codebook="$COND_CODEBOOK"
   echo "loss curves: runs/demo/$stage/loss.png"
 done
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from musiclm.quantize import QUANTIZER_PRESETS, MuLaNEmbedQuantizer, ResidualVQ
+from musiclm.quantize import QUANTIZER_PRESETS, MuLaNEmbedQuantizer, ResidualVQ, auto_codebook_size
 
 
 def clustered(n=300, dim=32, clusters=6, noise=0.03, seed=0, normalize=True) -> np.ndarray:
@@ -123,3 +123,25 @@ def test_mulan_quantizer_save_load_identical_codes_and_fingerprint(tmp_path):
         warnings.simplefilter("ignore")
         q3 = MuLaNEmbedQuantizer(24, levels=3, codebook_size=1024).fit(x, seed=7)
     assert q3.fingerprint()["weights_sha256"] != fp["weights_sha256"]
+
+
+def test_auto_codebook_size_follows_the_corpus():
+    assert auto_codebook_size(200) == 16      # the 200-clip demo
+    assert auto_codebook_size(900) == 64      # the 1,000-clip demo's train split
+    assert auto_codebook_size(10) == 16       # never below the minimum
+    assert auto_codebook_size(5_000_000) == 1024  # a real corpus: the preset's size
+    assert auto_codebook_size(5_000_000, cap=256) == 256
+    sizes = [auto_codebook_size(n) for n in range(1, 100_000, 997)]
+    assert sizes == sorted(sizes) and all(s & (s - 1) == 0 for s in sizes)  # monotone powers of two
+
+
+def test_bundle_new_quantizer_auto_codebook():
+    from musiclm.tokenizers import build_tokenizers
+
+    bundle = build_tokenizers({"quantizer": {"preset": "paper", "codebook_size": "auto"}})
+    q = bundle.new_quantizer(dim=16, num_embeddings=900)
+    assert (q.levels, q.codebook_size) == (12, 64)
+    with pytest.raises(ValueError, match="number of embeddings"):
+        bundle.new_quantizer(dim=16)
+    fixed = build_tokenizers({"quantizer": {"preset": "default"}}).new_quantizer(dim=16, num_embeddings=900)
+    assert fixed.codebook_size == 1024  # an explicit/preset size is kept

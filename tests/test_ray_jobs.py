@@ -233,10 +233,17 @@ def test_fit_kmeans_and_quantizer(env, tmp_path):
     c = load_centroids(tmp_path / "km.safetensors")
     assert c.shape == (12, km["dim"]) and km["clips_ok"] == 8 and km["clips_failed"] == 4 and km["frames"] > 12
     assert (tmp_path / "km.errors.jsonl").read_text().count("\n") == 4
-    q = _driver(env, "fit_quantizer.py", "--manifest", env["manifest"], "--config", env["config"],
-                "--out", str(tmp_path / "quant"), "--workers", "1")
+    # codebook_size: auto sizes the codebooks to the handful of embeddings (the minimum, 16)
+    import yaml
+
+    cfg = yaml.safe_load(open(env["config"]))
+    cfg["tokenizers"]["quantizer"] = {"path": str(tmp_path / "quant"), "preset": "default", "codebook_size": "auto"}
+    (tmp_path / "tok_auto.yaml").write_text(yaml.safe_dump(cfg))
+    q = _driver(env, "fit_quantizer.py", "--manifest", env["manifest"], "--config", str(tmp_path / "tok_auto.yaml"),
+                "--workers", "1")
     quant = MuLaNEmbedQuantizer.load(str(tmp_path / "quant"))
     assert q["embeddings"] == q["segments"] > 8 and q["dim"] == quant.dim
+    assert q["codebook_size"] == quant.codebook_size == 16 and q["levels"] == quant.levels == 8
     assert q["reconstruction_cosine"]["mean"] > 0.9
 
 
