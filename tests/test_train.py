@@ -368,6 +368,11 @@ def test_config_overrides_and_schedule():
     assert ds["zero_optimization"]["stage"] == 3 and ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["bf16"]["enabled"] in (True, False)  # "auto" resolved
     assert apply_overrides({}, ["a.b=[1, 2]"]) == {"a": {"b": [1, 2]}}
+    # the command line: repeated --set flags all apply (a `make demo` run passes several)
+    from musiclm.train.engine import build_arg_parser
+
+    args = build_arg_parser().parse_args(["--config", "c.yaml", "--set", "a=1", "b.c=2", "--set", "d=x"])
+    assert apply_overrides({}, args.set) == {"a": 1, "b": {"c": 2}, "d": "x"}
     f = WarmupCosine(10, 110, 0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(110) == pytest.approx(0.1)
     assert f(60) == pytest.approx(0.55)

@@ -681,8 +681,7 @@ class Trainer:
                 out = self.spec.eval_outputs(engine, self._to_device(batch))
                 if real:
                     rows.append((j * self.world_size + self.rank,
-                                 {k: v.detach().float().cpu() if isinstance(v, torch.Tensor) else torch.as_tensor(v)
-                                  for k, v in out.items()}))
+                                 {k: _cpu_rows(v) for k, v in out.items()}))
         finally:
             engine.train()
         if torch.distributed.is_initialized() and self.world_size > 1:
@@ -721,6 +720,12 @@ class Trainer:
                       os.path.join(self.run_dir, "probe_logits.safetensors"))
 
 
+def _cpu_rows(v) -> torch.Tensor:
+    """An eval output on the CPU: floating point as float32, integers (ids) unchanged."""
+    t = v.detach() if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+    return (t.float() if t.is_floating_point() else t).cpu()
+
+
 # -----------------------------------------------------------------------------------------------
 # command line (launch/train.py calls this)
 
@@ -739,7 +744,9 @@ def build_arg_parser():
     p.add_argument("--shards", nargs="+", help="shard folder(s), replaces data.shards")
     p.add_argument("--max_steps", type=int, help="replaces train.max_steps (the cosine horizon)")
     p.add_argument("--stop_after", type=int, help="checkpoint and stop after this step (schedule unchanged)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-3")
+    # extend: `--set a=1 b=2` and `--set a=1 --set b=2` both apply every override
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides (repeatable), e.g. --set train.max_minutes=5 data.shards=DIR")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     return p
