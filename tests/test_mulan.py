@@ -383,6 +383,13 @@ def test_deepspeed_two_ranks_train_export_and_load(corpus, tmp_path):
     a = emb.embed_audio(torch.randn(2, int(SECONDS * SR)) * 0.1)
     t = emb.embed_text(["a trap beat", "a lo-fi beat"])
     assert a.shape == t.shape == (2, 128)
+    # the metrics logged during training are the ones `musiclm eval retrieval` gives the export
+    from musiclm.eval.retrieval import evaluate_retrieval
+
+    res = evaluate_retrieval(emb, corpus["shards"], split="eval")
+    for k in ("R@1", "R@5", "median_rank"):
+        assert last[f"eval/retrieval/text_to_audio/{k}"] == pytest.approx(res["text_to_audio"][k])
+        assert last[f"eval/retrieval/audio_to_text/{k}"] == pytest.approx(res["audio_to_text"][k])
 
 
 def test_ast_audio_tower_roundtrip(corpus, tmp_path):
