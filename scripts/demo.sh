@@ -19,11 +19,11 @@ MODELS=models/demo
 TOK=launch/configs/demo/tokenizers.yaml
 SECONDS=0
 step() { printf '\n=== [%4ds] %s\n' "$SECONDS" "$*"; }
-train() {  # train STAGE CONFIG NPROC [ARGS...]: the real deepspeed launcher, one run dir per stage
-  local stage=$1 config=$2 nproc=$3; shift 3
+train() {  # train STAGE CONFIG NPROC RUN_DIR [ARGS...]: the real deepspeed launcher
+  local stage=$1 config=$2 nproc=$3 run_dir=$4; shift 4
   deepspeed --num_gpus "$nproc" --master_port $((29500 + RANDOM % 1000)) launch/train.py \
     --stage "$stage" --config "$config" --deepspeed_config deepspeed_configs/cpu.json \
-    --run_dir "runs/demo/$stage" --resume auto --set train.max_minutes="$MINUTES" "$@"
+    --run_dir "$run_dir" --resume auto --set train.max_minutes="$MINUTES" "$@"
 }
 
 step "1. demo corpus: $CLIPS synthetic rap instrumentals (10 s, 24 kHz) -> $DATA"
@@ -40,7 +40,7 @@ step "2. audio shards (Ray): shards/rapbeats/audio"
 python ray_jobs/pack_audio.py --manifest "$DATA/manifest.jsonl" --config "$TOK" --out shards
 
 step "3. MuLaN: contrastive audio/text training on the audio shards (deepspeed, ${MINUTES} min budget)"
-train mulan launch/configs/mulan.yaml 1
+train mulan launch/configs/mulan.yaml 1 runs/demo/mulan
 musiclm export runs/demo/mulan --out runs/demo/mulan/export/mulan.safetensors
 python -c "from musiclm.mulan.ours import load_mulan, save_mulan; \
 save_mulan(load_mulan('runs/demo/mulan/export/mulan.safetensors'), '$MODELS/mulan')"  # self-contained dir
@@ -65,10 +65,13 @@ step "6. stage transformers: semantic, coarse, fine (deepspeed, 2 processes, ${M
 COND=$(python -c "import json; c = json.load(open('$MODELS/quantizer/config.json')); print(c['levels'], c['codebook_size'])")
 read -r COND_LEVELS COND_CODEBOOK <<< "$COND"
 echo "MuLaN conditioning tokens: $COND_LEVELS levels x $COND_CODEBOOK codes per namespace"
+# one run folder per token folder: refitted tokenizers (new shards) start new runs instead of
+# resuming checkpoints trained on other tokens (the engine refuses that)
+RUNS=runs/demo/$(basename "$TOKENS")
 for stage in semantic coarse fine; do
-  train "$stage" "launch/configs/$stage.yaml" 2 --shards "$TOKENS" \
-    --set tokens.cond_levels="$COND_LEVELS" --set tokens.cond_codebook="$COND_CODEBOOK"
-  echo "loss curves: runs/demo/$stage/loss.png"
+  train "$stage" "launch/configs/$stage.yaml" 2 "$RUNS/$stage" --shards "$TOKENS" \
+    --set tokens.cond_levels="$COND_LEVELS" tokens.cond_codebook="$COND_CODEBOOK"
+  echo "loss curves: $RUNS/$stage/loss.png"
 done
 
 step "done in ${SECONDS}s: tensorboard --logdir runs/demo"

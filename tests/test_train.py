@@ -234,6 +234,32 @@ def test_fingerprint_mismatch_refused(work, shards, override, needle, capsys):
 
 
 @slow
+def test_resume_on_retokenized_shards_refused(run_a, shards, tmp_path):
+    """Shards re-made by other tokenizers (same layout, other weights -> other fingerprint_hash):
+    `--resume auto` on the old run refuses with the reason instead of loading the checkpoint."""
+    import shutil
+
+    from musiclm.data.shards import fingerprint_hash
+
+    other = str(tmp_path / "shards")
+    shutil.copytree(shards, other)
+    index_path = os.path.join(other, "index.json")
+    index = json.load(open(index_path))
+    index["fingerprints"]["semantic"]["weights_sha256"] = "f" * 64  # e.g. a refitted k-means
+    old_hash, index["fingerprint_hash"] = index["fingerprint_hash"], fingerprint_hash(index["fingerprints"])
+    assert index["fingerprint_hash"] != old_hash
+    json.dump(index, open(index_path, "w"))
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(run_a, run_dir)
+    log = str(tmp_path / "resume.log")
+    rc = launch(1, train_args("semantic", run_dir, other, "zero2"), log)
+    text = read_log(log)
+    assert rc != 0, text[-3000:]
+    assert "ResumeOnOtherTokens" in text and "Start a new run" in text, text[-3000:]
+    assert index["fingerprint_hash"] in text
+
+
+@slow
 def test_metrics_cover_every_step(run_a):
     recs = metrics(run_a)
     perf = [r for r in recs if "perf/tokens_per_s" in r]

@@ -62,6 +62,17 @@ class FingerprintHashMismatch(_shards.FingerprintMismatch):
                   f"re-tokenize or point the config at matching shards")
 
 
+class ResumeOnOtherTokens(_shards.FingerprintMismatch):
+    """``--resume`` found a checkpoint trained on shards of other tokenizers."""
+
+    def __init__(self, checkpoint: str, trained_on: str, shards: str):
+        self.tokenizer, self.field, self.expected, self.found = "all", "fingerprint_hash", trained_on, shards
+        ValueError.__init__(
+            self, f"{checkpoint}: this checkpoint was trained on shards whose tokenizer fingerprint_hash is "
+                  f"{trained_on}; the shards now configured hash to {shards} (the tokenizers changed: other "
+                  f"vocabulary, codebooks or weights). Start a new run (another --run_dir) instead of resuming")
+
+
 class NoMatchingShards(_shards.FingerprintMismatch):
     """No folder matching a glob was made by the tokenizers the config describes."""
 

@@ -313,6 +313,15 @@ class Trainer:
         self.cfg.setdefault("data", {})["shards"] = dirs if len(dirs) > 1 else dirs[0]
         return indexes
 
+    def _check_resume_tokens(self, plan, indexes: list[dict]) -> None:
+        """A checkpoint trained on shards of other tokenizers (another vocabulary, another
+        conditioning codebook) must not be resumed on these: say so instead of failing on tensor
+        shapes, or worse, continuing on tokens that mean something else."""
+        old = (plan.state or {}).get("fingerprint_hash") if plan.tag else None
+        new = indexes[0].get("fingerprint_hash") if indexes else None
+        if old and new and old != new:
+            raise tdata.ResumeOnOtherTokens(plan.tag_dir, old, new)
+
     # -- main ----------------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -354,6 +363,7 @@ class Trainer:
                         if chosen >= 0 else ckpt.ResumePlan())
         else:  # "none" or an explicit checkpoint folder/tag
             plan = ckpt.plan_resume(self.ckpt_root, self.resume, self.world_size)
+        self._check_resume_tokens(plan, indexes)
         load_tag = ckpt.MAIN_ENGINE
         if plan.tag and plan.universal:
             t2 = time.time()
