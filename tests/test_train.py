@@ -260,6 +260,19 @@ def test_resume_on_retokenized_shards_refused(run_a, shards, tmp_path):
 
 
 @slow
+def test_no_shared_memory_left_behind(run_a):
+    """DeepSpeed's CPU shm all-reduce segments (66 MB per rank) are unlinked by the engine: a
+    finished 2-process run leaves nothing in /dev/shm (they used to pile up until RAM ran out)."""
+    import glob
+    import re
+
+    ports = set(re.findall(r"--master_port[= ](\d+)", read_log(run_a + ".log")))
+    assert ports
+    for port in ports:
+        assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") == []
+
+
+@slow
 def test_metrics_cover_every_step(run_a):
     recs = metrics(run_a)
     perf = [r for r in recs if "perf/tokens_per_s" in r]
