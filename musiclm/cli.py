@@ -109,6 +109,12 @@ def _eval_retrieval(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _eval_tempo(args: argparse.Namespace) -> int:
+    from musiclm.eval.tempo import run_from_args
+
+    return run_from_args(args)
+
+
 # --- benchmarks ------------------------------------------------------------------------------
 
 
@@ -187,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     from musiclm.eval.retrieval import add_arguments as _retrieval_args
 
     _retrieval_args(p)
+    p = add("tempo", _eval_tempo, "tempo following of the semantic stage: BPM from semantic tokens "
+            "(ground truth, generated from captions) vs the caption BPM, baselines, PNG", ev_sub)
+    from musiclm.eval.tempo import add_arguments as _tempo_args
+
+    _tempo_args(p)
 
     p = add("bench", _bench, "benchmarks, printed as JSON")
     p.add_argument("part", choices=["shards", "tokenize", "train", "lm", "scaling"])

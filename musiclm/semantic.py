@@ -10,6 +10,20 @@ Features (:class:`SemanticFeatures`):
   average-pooled to ``rate`` Hz.
 * ``type="mfcc"`` / ``"logmel"``: ``torchaudio.transforms`` at 16 kHz, 25 ms windows, 10 ms hop,
   average-pooled to ``rate`` Hz. No weights needed.
+* ``type="mulan"``: one encoder block of OUR trained MuLaN's audio tower
+  (:class:`musiclm.mulan.model.SpectrogramTransformer`, a ViT over (mel x frame) patches), from a
+  :func:`~musiclm.mulan.ours.save_mulan` directory or a ``musiclm export`` ``X.safetensors``
+  (``model=``), ``layer=k`` (1-based; blocks after it, the final norm, the projection and the
+  text tower are dropped at load time). Input rate = the MuLaN's ``audio.sample_rate``. The
+  output tokens of one time column (``n_mels / patch[0]`` frequency patches) are concatenated
+  (``freq="concat"``, default: dim = freq_patches x d_model; keeps which band -- kick, snare,
+  hats -- carries the change) or averaged (``freq="mean"``: dim = d_model). The native rate is
+  one vector per time patch: ``patch[1] * hop_length / sample_rate`` seconds (0.32 s = 3.125 Hz
+  for the demo MuLaN: patch 16 frames x 20 ms), far coarser than a 16th note; each ``rate`` Hz
+  output frame takes the patch covering it (overlap-weighted average on the time axis, so the
+  grid is not stretched by the last, partly padded patch). Audio longer than the tower's window
+  (``audio.seconds``) is processed in windows of whole time patches, concatenated in time.
+  ``kind: ast`` MuLaNs are not supported (a clear error).
 
 Frame alignment: for ``T`` input samples at ``sample_rate`` there are exactly
 ``T_s = T * rate // sample_rate`` frames (whole seconds -> ``seconds * rate``), whatever the model's
@@ -52,7 +66,7 @@ __all__ = [
     "save_centroids",
 ]
 
-FEATURE_TYPES = ("hf", "mfcc", "logmel")
+FEATURE_TYPES = ("hf", "mfcc", "logmel", "mulan")
 
 
 def pool_frames(frames: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -68,6 +82,30 @@ def pool_frames(frames: torch.Tensor, num_frames: int) -> torch.Tensor:
     x = frames.transpose(1, 2).float()
     x = torch.nn.functional.adaptive_avg_pool1d(x, num_frames)
     return x.transpose(1, 2).to(frames.dtype)
+
+
+def pool_frames_by_time(frames: torch.Tensor, frame_seconds: float, num_frames: int, rate: float) -> torch.Tensor:
+    """Map ``[B, N, C]`` native frames (frame ``i`` covers ``[i, i + 1) * frame_seconds``) onto
+    ``num_frames`` output frames of ``1 / rate`` s by overlap-weighted averaging on the time axis.
+    Unlike :func:`pool_frames` the native grid is not stretched to the output length: output
+    frames beyond the last native frame take the last one."""
+    b, n, c = frames.shape
+    if num_frames == 0:
+        return frames.new_zeros(b, 0, c)
+    if n == 0:
+        raise ValueError("no native frames to pool (input too short for the feature model)")
+    step = 1.0 / float(rate)
+    lo = torch.arange(num_frames, dtype=torch.float64) * step  # output frame bounds, seconds
+    hi = lo + step
+    nlo = torch.arange(n, dtype=torch.float64) * float(frame_seconds)
+    nhi = nlo + float(frame_seconds)
+    nhi[-1] = max(float(nhi[-1]), float(hi[-1]))  # the last native frame covers the tail
+    w = (torch.minimum(hi[:, None], nhi[None, :]) - torch.maximum(lo[:, None], nlo[None, :])).clamp_min(0.0)
+    empty = w.sum(1) <= 0
+    if bool(empty.any()):  # cannot happen with the tail rule; keep it total anyway
+        w[empty, -1] = 1.0
+    w = (w / w.sum(1, keepdim=True)).to(torch.float32)  # [num_frames, N]
+    return torch.einsum("tn,bnc->btc", w, frames.float()).to(frames.dtype)
 
 
 def _small_dict(d: Mapping[str, Any]) -> dict:
@@ -86,9 +124,13 @@ class SemanticFeatures:
     """Frame features at ``rate`` Hz for the semantic tokenizer (lazy: loads on first use).
 
     Args:
-        type: ``"hf"`` (transformers model), ``"mfcc"`` or ``"logmel"``.
-        model: hub id or local directory (``type="hf"`` only).
-        layer: transformer block whose output is used (1-based, ``type="hf"``).
+        type: ``"hf"`` (transformers model), ``"mfcc"``, ``"logmel"`` or ``"mulan"`` (our MuLaN's
+            audio tower).
+        model: hub id or local directory (``type="hf"``); a ``save_mulan`` directory or an
+            exported ``X.safetensors`` (``type="mulan"``).
+        layer: transformer block whose output is used (1-based, ``type="hf"`` / ``"mulan"``).
+        freq: ``"concat"`` (default) or ``"mean"``: how the frequency patches of one time column
+            of the MuLaN tower become one vector (``type="mulan"``).
         rate: output frame rate in Hz (25 default).
         sample_rate: input rate; for ``hf`` it comes from the model's feature extractor (16 kHz
             default when it has none); 16 kHz for MFCC / log-mel unless given.
@@ -111,11 +153,15 @@ class SemanticFeatures:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         trust_remote_code: bool = False,
+        freq: str = "concat",
     ):
         if type not in FEATURE_TYPES:
             raise ValueError(f"semantic feature type must be one of {FEATURE_TYPES}, got {type!r}")
-        if type == "hf" and not model:
-            raise ValueError("semantic features of type 'hf' need a model id or directory")
+        if type in ("hf", "mulan") and not model:
+            raise ValueError(f"semantic features of type {type!r} need a model id or directory")
+        if freq not in ("concat", "mean"):
+            raise ValueError(f"freq must be 'concat' or 'mean', got {freq!r}")
+        self.freq = freq
         self.type = type
         self.model_id = os.fspath(model) if model else None
         self.layer = int(layer)
@@ -133,6 +179,7 @@ class SemanticFeatures:
         self._captured: list[torch.Tensor] = []
         self._use_hook = False
         self._weights_sha: str | None = None
+        self._mulan: dict | None = None  # type="mulan": tower parts, frontend, configs
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], device: str | torch.device = "cpu") -> "SemanticFeatures":
@@ -148,6 +195,8 @@ class SemanticFeatures:
             if fe is not None and getattr(fe, "sampling_rate", None):
                 return int(fe.sampling_rate)
             return self._sample_rate or 16_000
+        if self.type == "mulan":
+            return int(self.mulan["audio_config"]["sample_rate"])
         return self._sample_rate or 16_000
 
     @property
@@ -164,6 +213,9 @@ class SemanticFeatures:
             return self.n_mfcc
         if self.type == "logmel":
             return self.n_mels
+        if self.type == "mulan":
+            m = self.mulan
+            return m["width"] * (m["freq_patches"] if self.freq == "concat" else 1)
         cfg = self.model.config
         return int(cfg.hidden_size)
 
@@ -198,6 +250,22 @@ class SemanticFeatures:
             self._truncate(model)
             self._model = model.to(self.device)
         return self._model
+
+    @property
+    def mulan(self) -> dict:
+        """``type="mulan"``: the truncated audio tower and what runs it (loaded once)."""
+        if self.type != "mulan":
+            raise AttributeError("only type='mulan' features have a MuLaN")
+        if self._mulan is None:
+            self._mulan = _load_mulan_tower(self.model_id, self.layer, self.device)
+        return self._mulan
+
+    @property
+    def native_frame_seconds(self) -> float | None:
+        """Seconds per native feature vector (``type="mulan"``: one time patch; else None)."""
+        if self.type != "mulan":
+            return None
+        return self.mulan["patch_seconds"]
 
     def _truncate(self, model) -> None:
         """Keep blocks 1..layer, capture block ``layer``'s output with a forward hook."""
@@ -250,6 +318,9 @@ class SemanticFeatures:
         n_out = self.num_frames(t)
         if self.type == "hf":
             frames = self._hf_frames(wav)
+        elif self.type == "mulan":
+            frames = self._mulan_frames(wav)
+            return pool_frames_by_time(frames.float(), self.mulan["patch_seconds"], n_out, self.rate).cpu()
         else:
             x = self._torchaudio_transform()(wav)  # [B, C, N]
             if self.type == "logmel":
@@ -289,6 +360,35 @@ class SemanticFeatures:
             self._captured.clear()
         return hidden
 
+    def _mulan_frames(self, wav: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` -> ``[B, N, dim]``: one vector per time patch, windows concatenated in time.
+
+        Window ``w`` starts at sample ``w * window_samples`` (a whole number of patches) and holds
+        ``window_samples - hop`` samples: ``1 + (window_samples - hop) / hop`` mel frames = exactly
+        ``window_patches`` whole patches, so the patch grid runs on without a seam. The last window
+        is whatever is left (its last patch partly padded, as for a training crop); a sliver
+        shorter than ``min_samples`` after a full window is covered by the patch before it."""
+        m = self.mulan
+        tower, frontend = m["tower"], m["frontend"]
+        b, t = wav.shape
+        win, hop = m["window_samples"], m["hop"]
+        pieces = []
+        for s in range(0, max(t, 1), win):
+            full = s + win - hop < t
+            chunk = wav[:, s: s + win - hop] if full else wav[:, s:]
+            if chunk.shape[1] < m["min_samples"]:
+                if s > 0:
+                    break
+                chunk = torch.nn.functional.pad(chunk, (0, m["min_samples"] - chunk.shape[1]))
+            mel = torch.stack([frontend(w) for w in chunk.float().cpu()]).to(self.device)  # [B, M, frames]
+            x = _tower_tokens(tower, mel, self.layer)  # [B, Fp, Tp, d]
+            x = x.permute(0, 2, 1, 3)  # [B, Tp, Fp, d]
+            x = x.reshape(b, x.shape[1], -1) if self.freq == "concat" else x.mean(dim=2)
+            pieces.append(x.float())
+            if not full:
+                break
+        return torch.cat(pieces, dim=1)
+
     # ------------------------------------------------------------------ fingerprint
     def config(self) -> dict:
         cfg: dict[str, Any] = {"type": self.type, "rate": self.rate, "sample_rate": self.sample_rate}
@@ -297,6 +397,11 @@ class SemanticFeatures:
             cfg["model_config"] = hf_config_dict(self.model.config)
             fe = self.feature_extractor
             cfg["feature_extractor"] = _small_dict(fe.to_dict()) if fe is not None else None
+        elif self.type == "mulan":
+            m = self.mulan
+            cfg.update(layer=self.layer, freq=self.freq, dim=self.dim, mulan_audio_config=m["audio_config"],
+                       mulan_dim=m["mulan_dim"], native_frame_seconds=m["patch_seconds"],
+                       window_patches=m["window_patches"], pooling="time-overlap")
         elif self.type == "mfcc":
             cfg.update(n_mfcc=self.n_mfcc, n_mels=self.n_mels, n_fft=400, hop_length=160)
         else:
@@ -304,10 +409,12 @@ class SemanticFeatures:
         return cfg
 
     def weights_sha256(self) -> str | None:
-        if self.type != "hf":
+        """sha256 of the weights the features depend on (HF: the truncated model; MuLaN: patch
+        projection, positions and blocks 1..layer of the audio tower); None without weights."""
+        if self.type not in ("hf", "mulan"):
             return None
         if self._weights_sha is None:
-            self._weights_sha = state_dict_sha256(self.model)
+            self._weights_sha = state_dict_sha256(self.model if self.type == "hf" else self.mulan["tower"])
         return self._weights_sha
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -320,8 +427,75 @@ class SemanticFeatures:
             self.feature_extractor.save_pretrained(directory)
 
     def __repr__(self) -> str:
-        extra = f", model={self.model_id!r}, layer={self.layer}" if self.type == "hf" else ""
+        extra = f", model={self.model_id!r}, layer={self.layer}" if self.type in ("hf", "mulan") else ""
         return f"SemanticFeatures(type={self.type!r}{extra}, rate={self.rate})"
+
+
+def _load_mulan_tower(path: str, layer: int, device: torch.device) -> dict:
+    """Our MuLaN's audio tower cut after block ``layer`` + its frontend and window geometry."""
+    import copy
+    import math
+
+    from .mulan.model import SpectrogramTransformer
+    from .mulan.ours import load_mulan
+
+    model = load_mulan(path)
+    acfg = dict(model.config["audio"])
+    tower = model.audio_tower
+    if acfg.get("kind") != "spectrogram" or not isinstance(tower, SpectrogramTransformer):
+        raise ValueError(
+            f"semantic features of type 'mulan' need a MuLaN with audio.kind 'spectrogram' (our ViT tower); "
+            f"{path} has audio.kind {acfg.get('kind')!r} (an ASTModel tower is not supported: use "
+            f"type 'hf' on the AST directory instead)")
+    n_layers = len(tower.encoder.layers)
+    if not 1 <= int(layer) <= n_layers:
+        raise ValueError(f"layer {layer} out of range 1..{n_layers} for the MuLaN audio tower in {path}")
+    tower = copy.deepcopy(tower)
+    tower.encoder.layers = torch.nn.ModuleList(list(tower.encoder.layers)[: int(layer)])
+    tower.encoder.num_layers = int(layer)
+    tower.norm = torch.nn.Identity()  # the features are the block's output, before the final norm
+    tower = tower.eval().requires_grad_(False).to(device)
+    frontend = model.audio_frontend()
+    sr, hop = int(acfg["sample_rate"]), int(acfg["hop_length"])
+    pf, pt = tower.patch
+    # a window of W = max_time_patches whole patches (W * pt mel frames, the tower's maximum)
+    window_patches = int(tower.max_time_patches)
+    mulan_dim = int(model.dim)
+    del model
+    return {
+        "tower": tower,
+        "frontend": frontend,
+        "audio_config": json.loads(canonical_json(acfg)),
+        "mulan_dim": mulan_dim,
+        "hop": hop,
+        "width": int(tower.width),
+        "freq_patches": int(tower.freq_patches),
+        "patch_seconds": pt * hop / sr,
+        "window_patches": window_patches,
+        "window_samples": window_patches * pt * hop,
+        "min_samples": max(hop, int(math.ceil(0.05 * sr))),
+    }
+
+
+def _tower_tokens(tower, mel: torch.Tensor, layer: int) -> torch.Tensor:
+    """Run the (truncated) SpectrogramTransformer on ``mel [B, M, T]``; returns the output of
+    block ``layer`` as ``[B, freq_patches, time_patches, d]`` (no padding mask: every patch of
+    the window is real audio, the last one possibly partly padded, as in training)."""
+    import math
+
+    b, _, t = mel.shape
+    pf, pt = tower.patch
+    tp = math.ceil(t / pt)
+    if tp > tower.max_time_patches:
+        raise ValueError(f"{t} mel frames > the {tower.max_time_patches * pt} the MuLaN tower was built for")
+    if t % pt:
+        mel = torch.nn.functional.pad(mel, (0, tp * pt - t))
+    x = tower.proj(mel.unsqueeze(1))  # [B, d, Fp, Tp]
+    x = x + tower.freq_pos.t()[None, :, :, None] + tower.time_pos[:tp].t()[None, :, None, :]
+    x = x.flatten(2).transpose(1, 2)  # [B, Fp*Tp, d], frequency-major
+    for blk in list(tower.encoder.layers)[:layer]:
+        x = blk(x)
+    return x.reshape(b, tower.freq_patches, tp, -1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 * :mod:`musiclm.eval.retrieval` -- text<->audio Recall@1/5/10, median rank, a similarity-matrix PNG
   and a tempo probe for any :class:`~musiclm.mulan.embedder.AudioTextEmbedder` (our MuLaN, CLAP).
+* :mod:`musiclm.eval.tempo` -- tempo following of the semantic stage: BPM estimated from semantic
+  tokens (ground truth and generated from captions) against the caption BPM, with baselines.
 
 Each module exposes ``add_arguments(parser)`` and ``run_from_args(args)`` for the CLI and a plain
 function (e.g. :func:`musiclm.eval.retrieval.evaluate_retrieval`) returning a JSON-able dict.
@@ -9,4 +11,4 @@ Modules are imported on demand (``importlib.import_module(f"musiclm.eval.{family
 ``import musiclm.eval`` stays cheap.
 """
 
-FAMILIES = ("retrieval",)
+FAMILIES = ("retrieval", "tempo")
