@@ -91,16 +91,20 @@ def load_embedder(spec: Any, device: str = "cpu"):
     return ClapEmbedder(target, device=device)
 
 
-def bpm_of(record: dict) -> float | None:
-    """The ``bpm`` of a manifest record / shard json (top level, ``tags`` or ``attributes``)."""
+def tag_of(record: dict, name: str) -> Any:
+    """Field ``name`` of a manifest record / shard json: top level, else ``tags``, else ``attributes``."""
     for src in (record, record.get("tags") or {}, record.get("attributes") or {}):
-        v = src.get("bpm") if isinstance(src, dict) else None
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            return float(v)
+        if isinstance(src, dict) and src.get(name) is not None:
+            return src[name]
     return None
 
 
-_bpm_of = bpm_of  # old private name
+def bpm_of(record: dict) -> float | None:
+    """The ``bpm`` of a manifest record / shard json, when it is a finite number."""
+    v = tag_of(record, "bpm")
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return None
 
 
 def _items_from_manifest(path: str, split: str | None, sample_rate: int) -> list[dict]:

@@ -160,26 +160,20 @@ def summarize(pred: Sequence[float], true: Sequence[float]) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _tag(js: dict, name: str):
-    for src in (js, js.get("tags") or {}, js.get("attributes") or {}):
-        if isinstance(src, dict) and src.get(name) is not None:
-            return src[name]
-    return None
-
-
 def load_token_items(shards: str, split: str) -> list[dict]:
     """Samples of a token-shard split: {"key", "semantic" int64 [T], "cond" int64 [ns, K],
     "caption", "bpm", "style"} in key order."""
     from musiclm.data.shards import shard_reader
+    from musiclm.eval.retrieval import bpm_of, tag_of
 
     items = []
     for s in shard_reader(shards, split, shuffle=0, rank=0, world_size=1):
         js = s.get("json") or {}
-        bpm = _tag(js, "bpm")
+        bpm = bpm_of(js)
         items.append({"key": s["__key__"], "semantic": np.asarray(s["semantic.npy"]).astype(np.int64),
                       "cond": np.asarray(s["cond.npy"]).astype(np.int64), "caption": js.get("caption"),
-                      "bpm": float(bpm) if isinstance(bpm, (int, float)) else float("nan"),
-                      "style": _tag(js, "style")})
+                      "bpm": float("nan") if bpm is None else bpm,
+                      "style": tag_of(js, "style")})
     items.sort(key=lambda it: it["key"])
     return items
 
