@@ -1,14 +1,16 @@
 """Audio in and out: decode, mono, resample, loudness, fixed-length segments, log-mel features.
 
 Decoding goes through soundfile (libsndfile: wav, flac, ogg/vorbis/opus, mp3, aiff, ... at any
-sample rate, bit depth and channel count) and, when FFmpeg is installed, through the `ffmpeg`
-binary for what soundfile cannot read: the m4a/webm/mp4 files that YouTube downloads really are.
-torchaudio is used only for its pure-PyTorch parts (resample, MelSpectrogram): `torchaudio.load`
-needs torchcodec + FFmpeg, and the CPU install here has no torchaudio C extension.
+sample rate, bit depth and channel count) and through PyAV (`av` on PyPI, whose wheels carry
+FFmpeg's libraries) for what soundfile cannot read: the m4a/webm/mp4 files that YouTube downloads
+really are. Both decode in-process, so the same file gives the same samples and the same error on
+every machine; no `ffmpeg` binary is needed. torchaudio is used only for its pure-PyTorch parts
+(resample, MelSpectrogram): `torchaudio.load` needs torchcodec + FFmpeg, and the CPU install here
+has no torchaudio C extension.
 
-Every decoding failure (missing, unreadable, corrupt, empty, silent, format needing FFmpeg) raises
-one error type, `AudioError`, whose message names the file and the reason, so a tokenization job
-can record "clip failed: why" and move on.
+Every decoding failure (missing, unreadable, corrupt, empty, silent) raises one error type,
+`AudioError`, whose message names the file and the reason, so a tokenization job can record
+"clip failed: why" and move on.
 
 Shapes: mono audio is a float32 tensor [T]; multichannel audio is [C, T].
 """
@@ -18,20 +20,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import json
 import math
 import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
 import torch
 
-# Containers soundfile (libsndfile) cannot open; these go straight to FFmpeg when it is installed.
-FFMPEG_EXTENSIONS = {".m4a", ".mp4", ".webm", ".opus", ".aac", ".mkv", ".mka", ".mov", ".wma"}
+# Containers soundfile (libsndfile) cannot open: these go straight to PyAV (FFmpeg's libraries).
+CONTAINER_EXTENSIONS = {".m4a", ".mp4", ".webm", ".opus", ".aac", ".mkv", ".mka", ".mov", ".wma"}
 # RMS level (dBFS) under which a clip counts as silent: digital silence and dither noise, not quiet music.
 SILENCE_DB = -60.0
 # Loudness normalisation never pushes a sample peak above this (a simple gain limit, not a compressor).
@@ -50,77 +48,123 @@ class AudioError(Exception):
         return (AudioError, (self.path, self.reason))
 
 
-# ----------------------------------------------------------------------------- FFmpeg
+# ----------------------------------------------------------------------------- PyAV (FFmpeg's libraries)
 
-def have_ffmpeg() -> bool:
-    """True when both `ffmpeg` and `ffprobe` are on PATH (checked every call: cheap, and patchable in tests)."""
-    return shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None
-
-
-def _ffmpeg_hint(ext: str) -> str:
-    return (f"decoding {ext or 'this format'} needs FFmpeg, which is not installed: install FFmpeg "
-            f"(e.g. `apt-get install ffmpeg` or `conda install ffmpeg`) to read m4a/webm/mp4/aac files")
+# Sample formats as PyAV names them -> (numpy dtype of to_ndarray(), scale to [-1, 1], offset).
+_AV_SCALE = {"u8": (128.0, 128.0), "s16": (32768.0, 0.0), "s32": (2147483648.0, 0.0),
+             "s64": (9223372036854775808.0, 0.0), "flt": (1.0, 0.0), "dbl": (1.0, 0.0)}
 
 
-def _ffprobe(path: str, name: str) -> tuple[int, int, float | None]:
-    """(sample_rate, channels, duration or None) of the first audio stream, via ffprobe."""
-    cmd = ["ffprobe", "-v", "error", "-select_streams", "a:0",
-           "-show_entries", "stream=sample_rate,channels:format=duration", "-of", "json", path]
-    proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise AudioError(name, f"unreadable or corrupt audio (ffprobe: {_last_line(proc.stderr)})")
-    info = json.loads(proc.stdout or b"{}")
-    streams = info.get("streams") or []
-    if not streams:
-        raise AudioError(name, "no audio stream in the file")
-    duration = info.get("format", {}).get("duration")
-    return int(streams[0]["sample_rate"]), int(streams[0]["channels"]), (float(duration) if duration else None)
+# Seconds decoded before a seek target so lossy decoders have warmed up by the first kept sample.
+_AV_PREROLL_S = 0.25
 
 
-def _last_line(stderr: bytes) -> str:
-    lines = [line for line in stderr.decode(errors="replace").strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "no error message"
+def _frame_to_float(frame) -> np.ndarray:
+    """A decoded av.AudioFrame -> [C, n] float32, whatever its sample format (planar or packed)."""
+    arr = frame.to_ndarray()
+    name = frame.format.name.rstrip("p")
+    scale, offset = _AV_SCALE.get(name, (1.0, 0.0))
+    channels = frame.layout.nb_channels
+    if not frame.format.is_planar:  # packed: [1, n * C], samples interleaved
+        arr = arr.reshape(-1, channels).T
+    out = arr.astype(np.float32)
+    if offset or scale != 1.0:
+        out = (out - offset) / scale
+    return out
 
 
-def _decode_ffmpeg(path: str, name: str, start: float | None, end: float | None) -> tuple[np.ndarray, int]:
-    """Decode with the ffmpeg binary at the native rate and channel count -> ([C, T] float32, sr).
+def _av_error(name: str, e: Exception) -> AudioError:
+    return AudioError(name, f"unreadable or corrupt audio (PyAV/FFmpeg: {type(e).__name__}: {e})")
 
-    Native rate and channels (from ffprobe) so that downmixing and resampling are the same
-    torch code for every format. `-ss` before `-i` seeks without decoding what comes before
-    (and ffmpeg trims to the exact sample), so a 30 s segment of an hour-long file is cheap.
+
+def _decode_av(file, name: str, start: float | None, end: float | None) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream with PyAV at its native rate and channel count -> ([C, T] float32, sr).
+
+    Native rate and channels so that downmixing and resampling are the same torch code for every
+    format. A `start` seeks (to the keyframe before it) instead of decoding what comes before, and
+    samples are then cut exactly by their timestamps, so a 30 s segment of an hour-long file is cheap.
+    Decoding stops at the container's stated duration: AAC decoders emit the encoder's padding
+    past it, and a decoded clip should be as long as duration_seconds() says.
     """
-    sr, channels, duration = _ffprobe(path, name)
-    cmd = ["ffmpeg", "-nostdin", "-v", "error"]
-    if start:
-        cmd += ["-ss", f"{start:.6f}"]
-    cmd += ["-i", path]
-    if end is not None:
-        cmd += ["-t", f"{end - (start or 0.0):.6f}"]
-    cmd += ["-vn", "-f", "f32le", "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(sr), "-"]
-    proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise AudioError(name, f"unreadable or corrupt audio (ffmpeg: {_last_line(proc.stderr)})")
-    pcm = np.frombuffer(proc.stdout, dtype=np.float32)
-    pcm = pcm[: len(pcm) // channels * channels].reshape(-1, channels)
-    if duration is not None:
-        # AAC decoders emit the encoder's padding past the container's stated duration: drop it,
-        # so a decoded clip is as long as duration_seconds() says.
-        stop = duration if end is None else min(end, duration)
-        pcm = pcm[: max(int(round((stop - (start or 0.0)) * sr)), 0)]
-    return pcm.T.copy(), sr
+    import av
 
-
-def _with_temp_file(data: bytes, name: str, fn):
-    """Run fn(path) on the bytes written to a temporary file: mp4/m4a keep their index at the end
-    of the file, so ffmpeg needs a seekable file, not a pipe."""
-    suffix = os.path.splitext(name)[1].lower()
-    fd, tmp = tempfile.mkstemp(suffix=suffix, prefix="musiclm-audio-")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return fn(tmp)
+        container = av.open(file, mode="r")
+    except (av.error.FFmpegError, ValueError, OSError) as e:
+        raise _av_error(name, e) from None
+    try:
+        if not container.streams.audio:
+            raise AudioError(name, "no audio stream in the file")
+        stream = container.streams.audio[0]
+        sr = int(stream.codec_context.sample_rate or stream.rate or 0)
+        if sr <= 0:
+            raise AudioError(name, "no sample rate in the audio stream")
+        duration = _container_duration(container, stream)
+        first = int(round((start or 0.0) * sr))
+        stop = None if end is None else int(round(end * sr))
+        if duration is not None:
+            total = int(round(duration * sr))
+            stop = total if stop is None else min(stop, total)
+        # time 0 of the clip: the stream's first timestamp (Opus in webm starts a few ms in);
+        # encoder priming marked with negative timestamps falls before it and is dropped
+        origin = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+        origin = max(origin, 0.0)
+        if start and start > _AV_PREROLL_S:
+            # a decoder started cold needs a few frames of pre-roll (MDCT overlap: AAC 2 frames,
+            # Opus 80 ms): seek that far before the segment and drop what comes before it
+            target = int((start - _AV_PREROLL_S + origin) / stream.time_base)
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+        chunks: list[np.ndarray] = []
+        pos = None  # sample index of the next decoded sample
+        for frame in container.decode(stream):
+            if frame.time is not None and (pos is None or start):
+                pos = int(round((frame.time - origin) * sr))  # exact after a seek
+            elif pos is None:
+                pos = 0
+            data = _frame_to_float(frame)
+            n = data.shape[1]
+            a, b = max(first - pos, 0), n if stop is None else min(n, stop - pos)
+            if b > a:
+                chunks.append(data[:, a:b])
+            pos += n
+            if stop is not None and pos >= stop:
+                break
+    except AudioError:
+        raise
+    except (av.error.FFmpegError, ValueError, OSError) as e:
+        raise _av_error(name, e) from None
     finally:
-        os.unlink(tmp)
+        container.close()
+    if not chunks:
+        if first > 0:
+            raise AudioError(name, f"segment starts at {start:.3f} s, past the end of the audio: no samples")
+        return np.zeros((1, 0), np.float32), sr
+    return np.ascontiguousarray(np.concatenate(chunks, axis=1)), sr
+
+
+def _container_duration(container, stream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # AV_TIME_BASE
+    return None
+
+
+def _duration_av(file, name: str) -> float:
+    import av
+
+    try:
+        with av.open(file, mode="r") as container:
+            if not container.streams.audio:
+                raise AudioError(name, "no audio stream in the file")
+            duration = _container_duration(container, container.streams.audio[0])
+    except AudioError:
+        raise
+    except (av.error.FFmpegError, ValueError, OSError) as e:
+        raise _av_error(name, e) from None
+    if duration is None:
+        raise AudioError(name, "the container states no duration")
+    return duration
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -152,33 +196,24 @@ def _read_soundfile(file, name: str, start: float | None, end: float | None) -> 
     return np.ascontiguousarray(data.T), sr
 
 
-def _decode(file_or_path, name: str, start: float | None, end: float | None,
-            data: bytes | None = None) -> tuple[np.ndarray, int]:
-    """Pick the decoder: FFmpeg for the containers soundfile cannot read, soundfile first otherwise,
-    FFmpeg as a fallback for anything soundfile rejects (e.g. an .mp4 saved as .mp3)."""
+_SOUNDFILE_ERRORS = (sf.LibsndfileError, RuntimeError, ValueError, EOFError, TypeError)
+
+
+def _decode(file, name: str, start: float | None, end: float | None) -> tuple[np.ndarray, int]:
+    """Pick the decoder: PyAV for the containers soundfile cannot read, soundfile first otherwise,
+    PyAV as the fallback for anything soundfile rejects (e.g. an .mp4 saved as .mp3). A file both
+    reject is "unreadable or corrupt" on every machine."""
     ext = os.path.splitext(name)[1].lower()
-
-    def ffmpeg():
-        if data is not None:
-            return _with_temp_file(data, name, lambda p: _decode_ffmpeg(p, name, start, end))
-        return _decode_ffmpeg(file_or_path, name, start, end)
-
-    if ext in FFMPEG_EXTENSIONS and have_ffmpeg():
-        return ffmpeg()
+    if ext in CONTAINER_EXTENSIONS:
+        return _decode_av(file, name, start, end)
     try:
-        return _read_soundfile(file_or_path, name, start, end)
+        return _read_soundfile(file, name, start, end)
     except AudioError:
         raise
-    except (sf.LibsndfileError, RuntimeError, ValueError, EOFError, TypeError) as e:
-        # Usually "Format not recognised" (another container) or a truncated/corrupt stream.
-        if have_ffmpeg():
-            if isinstance(file_or_path, io.IOBase):
-                file_or_path.seek(0)
-            return ffmpeg()
-        if ext in FFMPEG_EXTENSIONS:
-            raise AudioError(name, _ffmpeg_hint(ext)) from None
-        raise AudioError(name, f"unreadable or corrupt audio (soundfile: {e}); if the file is in a "
-                               f"format soundfile cannot read (m4a, webm, mp4), install FFmpeg") from None
+    except _SOUNDFILE_ERRORS:  # usually "Format not recognised" (another container) or a damaged stream
+        if isinstance(file, io.IOBase):
+            file.seek(0)
+        return _decode_av(file, name, start, end)
 
 
 def _finish(pcm: np.ndarray, sr: int, name: str, sample_rate: int | None, mono: bool,
@@ -261,7 +296,7 @@ def decode_bytes(data: bytes, name: str, sample_rate: int | None = None, *, mono
     _check_span(name, start, end)
     if not data:
         raise AudioError(name, "empty file (0 bytes)")
-    pcm, sr = _decode(io.BytesIO(data), name, start, end, data=data)
+    pcm, sr = _decode(io.BytesIO(data), name, start, end)
     return _finish(pcm, sr, name, sample_rate, mono, start, loudness_lufs, allow_silent)
 
 
@@ -277,46 +312,37 @@ def encode_flac(wav: torch.Tensor, sample_rate: int) -> bytes:
 
 
 def duration_seconds(source: str | os.PathLike) -> float:
-    """Duration in seconds from the header (soundfile), or ffprobe for FFmpeg formats; nothing decoded."""
+    """Duration in seconds from the header (soundfile) or the container (PyAV); nothing decoded."""
     source = os.fspath(source)
-    name = source
     ext = os.path.splitext(source)[1].lower()
     if _is_url(source):
         try:
             import fsspec
             with fsspec.open(source, "rb") as f:
-                if not (ext in FFMPEG_EXTENSIONS and have_ffmpeg()):
+                if ext not in CONTAINER_EXTENSIONS:
                     try:  # header only: no need to download the whole object
                         return float(sf.info(f).duration)
-                    except (sf.LibsndfileError, RuntimeError):
+                    except _SOUNDFILE_ERRORS:
                         f.seek(0)
                 data = f.read()
         except FileNotFoundError:
             raise AudioError(source, "file not found") from None
         except Exception as e:
             raise AudioError(source, f"cannot read: {type(e).__name__}: {e}") from None
-        return _with_temp_file(data, name, lambda p: _duration_local(p, name, ext))
+        if not data:
+            raise AudioError(source, "empty file (0 bytes)")
+        return _duration_av(io.BytesIO(data), source)
     path = _local_path(source)
     if not os.path.exists(path):
         raise AudioError(source, "file not found")
-    return _duration_local(path, name, ext)
-
-
-def _duration_local(path: str, name: str, ext: str) -> float:
     if os.path.getsize(path) == 0:
-        raise AudioError(name, "empty file (0 bytes)")
-    if not (ext in FFMPEG_EXTENSIONS and have_ffmpeg()):
+        raise AudioError(source, "empty file (0 bytes)")
+    if ext not in CONTAINER_EXTENSIONS:
         try:
             return float(sf.info(path).duration)
-        except (sf.LibsndfileError, RuntimeError) as e:
-            if not have_ffmpeg():
-                if ext in FFMPEG_EXTENSIONS:
-                    raise AudioError(name, _ffmpeg_hint(ext)) from None
-                raise AudioError(name, f"unreadable or corrupt audio (soundfile: {e})") from None
-    _, _, duration = _ffprobe(path, name)
-    if duration is None:
-        raise AudioError(name, "ffprobe reports no duration")
-    return duration
+        except _SOUNDFILE_ERRORS:
+            pass
+    return _duration_av(path, source)
 
 
 # ----------------------------------------------------------------------------- transforms

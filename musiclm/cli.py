@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tempo_args(p)
 
     p = add("bench", _bench, "benchmarks, printed as JSON")
-    p.add_argument("part", choices=["shards", "tokenize", "train", "lm", "scaling"])
+    p.add_argument("part", choices=["shards", "tokenize", "train", "startup", "lm", "scaling"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword argument for the benchmark's run() (JSON values)")
     p.add_argument("--out", default=None, help="also write the JSON here")

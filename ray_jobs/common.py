@@ -280,7 +280,7 @@ def _reason_of(e: Exception) -> str:
     for needle, reason in (("not found", "missing"), ("no such file", "missing"), ("silent", "silent"),
                            ("empty", "empty"), ("no samples", "empty"), ("cannot read", "unreadable"),
                            ("permission", "unreadable"), ("directory", "unreadable"),
-                           ("corrupt", "corrupt"), ("unreadable", "corrupt"), ("ffmpeg", "unreadable")):
+                           ("corrupt", "corrupt"), ("unreadable", "corrupt")):
         if needle in msg:
             return reason
     return "unreadable"

@@ -7,8 +7,37 @@ process); each test gets a fresh bucket and the AWS_* environment pointing at th
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+HIDDEN_BINARIES = ("ffmpeg", "ffprobe")
+
+
+def _hide_binaries(names=HIDDEN_BINARIES) -> None:
+    """Run the suite as on a fresh machine, whatever this one has installed: every PATH folder that
+    holds one of `names` is replaced by a folder of links to its other programs. Set at import, so
+    every subprocess (Ray workers, the deepspeed launcher) inherits it."""
+    shadow_root = None
+    parts = []
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        if d and any(os.path.exists(os.path.join(d, n)) for n in names):
+            shadow_root = shadow_root or tempfile.mkdtemp(prefix="musiclm-path-")
+            shadow = os.path.join(shadow_root, str(len(parts)))
+            os.makedirs(shadow)
+            for entry in os.listdir(d):
+                if entry not in names:
+                    os.symlink(os.path.join(d, entry), os.path.join(shadow, entry))
+            d = shadow
+        parts.append(d)
+    os.environ["PATH"] = os.pathsep.join(parts)
+    assert all(shutil.which(n) is None for n in names)
+
+
+_hide_binaries()
 
 
 @pytest.fixture(scope="session")

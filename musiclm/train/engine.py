@@ -72,6 +72,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import data as tdata
+from .build_locks import clear_stale_build_locks
 from .monitor import Monitor, device_peak_flops, peak_memory_gb
 from .spec import TrainSpec, get_train_spec
 
@@ -220,6 +221,9 @@ class Trainer:
             print(f"{self.log_prefix} {msg}" if self.world_size == 1 or not all_ranks
                   else f"{self.log_prefix}[rank {self.rank}] {msg}", flush=True)
 
+    def log_all(self, msg: str) -> None:
+        self.log(msg, all_ranks=True)
+
     def _on_signal(self, signum, frame):
         if self._signal is None:
             self._signal = signum
@@ -252,6 +256,29 @@ class Trainer:
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                 for k, v in batch.items()}
 
+    def client_optimizer(self, params: list, ds_config: dict) -> tuple[torch.optim.Optimizer | None, dict]:
+        """torch's AdamW in place of DeepSpeed's for the config's Adam/AdamW, on CPU by default
+        (``train.optimizer: auto``; ``torch`` or ``deepspeed`` force one). DeepSpeed's CPU Adam is
+        a C++ op JIT-compiled on first use: 70-150 s per fresh machine or venv, minutes more on a
+        loaded one, for no gain at our sizes. The update is the same (decoupled weight decay,
+        like DeepSpeed's default ``adam_w_mode``). Returns (optimizer or None, the config to
+        initialize with: without the ``optimizer`` section it replaces)."""
+        choice = str(self.tcfg.get("optimizer", "auto"))
+        if choice not in ("auto", "torch", "deepspeed"):
+            raise ValueError(f"train.optimizer must be auto, torch or deepspeed, got {choice!r}")
+        sec = ds_config.get("optimizer") or {}
+        kind = str(sec.get("type", "")).lower()
+        use_torch = choice == "torch" or (choice == "auto" and self.device.type == "cpu")
+        if not use_torch or kind not in ("adam", "adamw"):
+            return None, ds_config
+        p = dict(sec.get("params") or {})
+        cls = torch.optim.AdamW if p.pop("adam_w_mode", True) or kind == "adamw" else torch.optim.Adam
+        opt = cls(params, lr=float(p.get("lr", 1e-3)), betas=tuple(p.get("betas", (0.9, 0.999))),
+                  eps=float(p.get("eps", 1e-8)), weight_decay=float(p.get("weight_decay", 0.0)))
+        conf = {k: v for k, v in ds_config.items() if k != "optimizer"}
+        conf["zero_allow_untested_optimizer"] = True
+        return opt, conf
+
     def make_engine(self, module, name: str, ds_overrides: dict | None = None, **kw):
         """An extra DeepSpeed engine (custom steps, e.g. a codec's discriminator): saved with every
         checkpoint under ``<tag>/<name>/`` and restored from the resumed checkpoint right here.
@@ -261,8 +288,10 @@ class Trainer:
         if name in self.engines:
             return self.engines[name]
         conf = deep_merge(self.ds_config, ds_overrides or {})
-        eng, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
-                                       config=conf, **kw)
+        params = [p for p in module.parameters() if p.requires_grad]
+        if "optimizer" not in kw:
+            kw["optimizer"], conf = self.client_optimizer(params, conf)
+        eng, *_ = deepspeed.initialize(model=module, model_parameters=params, config=conf, **kw)
         self.engines[name] = eng
         plan = getattr(self, "_plan", None)
         if plan is not None and plan.tag and os.path.isdir(os.path.join(plan.tag_dir, name)):
@@ -288,18 +317,27 @@ class Trainer:
                                "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
                                "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if self.local_rank == 0:  # a killed compile's lock would make any JIT build hang silently
+            clear_stale_build_locks(log=self.log_all)
         acc = get_accelerator()
         if acc.device_name() == "cpu":
             self.device = torch.device("cpu")
         else:  # bind the GPU before the process group exists (NCCL)
             acc.set_device(self.local_rank)
             self.device = torch.device(acc.device_name(self.local_rank))
+        if acc.device_name() == "cpu" and not self.tcfg.get("shm_allreduce", False):
+            # DeepSpeed's comm backend probes every op it knows (compiler subprocesses) and
+            # JIT-compiles a shared-memory all-reduce for CPU ranks (65-380 s on a fresh machine).
+            # gloo all-reduces what our models need in milliseconds: skip both unless asked.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
         deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
         backend = torch.distributed.get_backend()
         self.comm_device = self.device if backend == "nccl" else torch.device("cpu")
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and self.tcfg.get("shm_allreduce", False):
             self.barrier()  # every rank has mapped its peers' shared-memory segments by now
             _unlink_shm_buffer(self.rank)
 
@@ -392,9 +430,9 @@ class Trainer:
             sched = WarmupCosine(int(self.tcfg.get("warmup_steps", 0)), self.max_steps,
                                  float(self.tcfg.get("min_lr_ratio", 0.1)))
             kw["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched)
-        engine, _opt, _, _sched = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=self.ds_config, **kw)
+        params = [p for p in model.parameters() if p.requires_grad]
+        kw["optimizer"], conf = self.client_optimizer(params, self.ds_config)
+        engine, _opt, _, _sched = deepspeed.initialize(model=model, model_parameters=params, config=conf, **kw)
         self.engine = engine
         self.engines = {ckpt.MAIN_ENGINE: engine}
         timings["deepspeed_initialize"] = time.time() - t1
@@ -458,8 +496,9 @@ class Trainer:
                  f"micro batch {micro} x grad accum {gas}, bf16 {engine.bfloat16_enabled()}, "
                  f"{len(train_urls)} train / {len(eval_urls)} eval shards, run dir {self.run_dir}")
         monitor.text("config", "```\n" + json.dumps(self.cfg, indent=1, default=str) + "\n```", step)
-        self.log("setup " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
-                 + f"; process start to training {time.time() - _PROCESS_START:.1f}s")
+        timings["process_to_train"] = time.time() - _PROCESS_START
+        self.log("setup " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k != "process_to_train")
+                 + f"; process start to training {timings['process_to_train']:.1f}s")
 
         log_every = max(1, int(self.tcfg.get("log_every", 10)))
         eval_every = int(self.tcfg.get("eval_every", 0) or 0)
@@ -503,6 +542,8 @@ class Trainer:
             last_saved = at_step
 
         engine.train()
+        t_train = time.time()  # train.max_minutes counts from here: start-up is not training time
+        first_step_done = False
         try:
             while step < self.max_steps:
                 t0 = time.perf_counter()
@@ -540,7 +581,7 @@ class Trainer:
                     vals = [m[k] for m in mets if k in m]
                     local.append(sum(vals) / len(vals) if vals else float("nan"))
                 step_time = time.perf_counter() - t0
-                timed_out = bool(max_minutes) and self.rank == 0 and (time.time() - t_start) / 60.0 >= float(max_minutes)
+                timed_out = bool(max_minutes) and self.rank == 0 and (time.time() - t_train) / 60.0 >= float(max_minutes)
                 flags = [float(n_tok), float(n_smp), 1.0 if self._signal is not None else 0.0, 1.0 if timed_out else 0.0]
                 red = self._all_reduce(torch.tensor(local + flags, dtype=torch.float64))
                 red_metrics = (red[:len(local)] / self.world_size).tolist()
@@ -552,6 +593,9 @@ class Trainer:
                 acc_tokens += g_tok
                 acc_samples += g_smp
 
+                if not first_step_done:
+                    first_step_done = True
+                    self._log_startup(timings, monitor, step)
                 if self.rank == 0:
                     rec = {"train/loss": red_metrics[0], "train/lr": lr, "train/grad_norm": grad_norm}
                     for k, v in zip(metric_keys, red_metrics[1:]):
@@ -606,10 +650,24 @@ class Trainer:
                 pbar.close()
             monitor.close(png=True)
         self.barrier()
-        self.log(f"done: step {step}/{self.max_steps}, {time.time() - t_start:.1f}s"
-                 + (f" (stopped: {stop_reason})" if stop_reason else ""))
+        self.log(f"done: step {step}/{self.max_steps}, training {time.time() - t_train:.1f}s, "
+                 f"start-up {timings['process_to_train']:.1f}s" + (f" (stopped: {stop_reason})" if stop_reason else ""))
         torch.distributed.destroy_process_group()
         return 0
+
+    def _log_startup(self, timings: dict, monitor, step: int) -> None:
+        """Start-up apart from training: each setup phase and process start -> end of the first
+        optimizer step, in TensorBoard/metrics.jsonl (``startup/*``) and ``startup.json`` (with the
+        wall-clock time of that step's end, so a benchmark can time it from the launcher's start)."""
+        now = time.time()
+        rec = {f"startup/{k}_s": float(v) for k, v in timings.items()}
+        rec["startup/process_to_first_step_s"] = now - _PROCESS_START
+        if self.rank != 0:
+            return
+        monitor.log(step, rec)
+        with open(os.path.join(self.run_dir, "startup.json"), "w") as f:
+            json.dump({**{k.split("/", 1)[1]: v for k, v in rec.items()}, "first_step_end_unix": now,
+                       "process_start_unix": _PROCESS_START, "step": step, "world_size": self.world_size}, f, indent=1)
 
     @staticmethod
     @torch.no_grad()
