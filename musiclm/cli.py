@@ -132,10 +132,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+    """A --set value, parsed as YAML like every other --set (3, 1e-3, true, [1, 2], /tmp/x)."""
+    import yaml
+
+    return yaml.safe_load(text)
 
 
 # --- the one list ----------------------------------------------------------------------------
@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("bench", _bench, "benchmarks, printed as JSON")
     p.add_argument("part", choices=["shards", "tokenize", "train", "startup", "lm", "scaling"])
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="keyword argument for the benchmark's run() (JSON values)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for the benchmark's run(), value parsed as YAML (repeatable)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     return parser
 

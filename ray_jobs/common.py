@@ -32,6 +32,7 @@ if str(REPO_ROOT) not in sys.path:  # `python ray_jobs/X.py`: use this checkout'
 
 import numpy as np  # noqa: E402
 
+from musiclm.config import add_set_argument  # noqa: E402
 from musiclm.data import segments as S  # noqa: E402
 from musiclm.data import storage  # noqa: E402
 
@@ -49,6 +50,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--manifest", required=True, help="manifest.jsonl (local path or s3://)")
     p.add_argument("--config", default=None, help="YAML config (launch/configs/tokenizers.yaml)")
+    add_set_argument(p)
     p.add_argument("--address", default=None,
                    help="Ray cluster address; default: RAY_ADDRESS if set (inside `ray job submit`), else a local Ray")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs of the local Ray (default: all cores)")
@@ -84,16 +86,15 @@ def add_shard_args(p: argparse.ArgumentParser, default_clips: int = 32) -> None:
     p.add_argument("--test-group-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: kill midway
 
 
-def load_config(path: str | None) -> dict:
-    if not path:
-        return {}
-    import yaml
+def load_config(path: str | None, overrides: list[str] | None = None) -> dict:
+    """The job's YAML (local or s3://) with `base:` files and --set overrides (musiclm.config)."""
+    from musiclm.config import ConfigError
+    from musiclm.config import load_config as _load
 
-    with storage.open_file(path, "rb") as f:
-        cfg = yaml.safe_load(f.read()) or {}
-    if not isinstance(cfg, dict):
-        raise SystemExit(f"{path}: expected a mapping at the top level")
-    return cfg
+    try:
+        return _load(path, overrides)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
 
 
 def tokenizers_section(cfg: dict) -> dict:

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--segment-seconds", type=float, default=None, help="default: config segment_seconds, else 10")
     args = p.parse_args(argv)
     t_start = time.time()
-    cfg = C.load_config(args.config)
+    cfg = C.load_config(args.config, args.set)
     fit = dict(cfg.get("fit_kmeans") or {})
     tok = C.tokenizers_section(cfg)
     sem = dict(tok.get("semantic") or {})

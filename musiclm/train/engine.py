@@ -72,6 +72,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import data as tdata
+from ..config import add_set_argument, apply_overrides, deep_merge, load_config
 from .build_locks import clear_stale_build_locks
 from .monitor import Monitor, device_peak_flops, peak_memory_gb
 from .spec import TrainSpec, get_train_spec
@@ -83,49 +84,6 @@ __all__ = ["Trainer", "load_config", "load_ds_config", "apply_overrides", "deep_
 
 # -----------------------------------------------------------------------------------------------
 # configs
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in (over or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
-    """``key.sub=value`` strings (value parsed as YAML) applied to a config dict."""
-    import yaml
-
-    cfg = copy.deepcopy(cfg)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, val = item.split("=", 1)
-        node = cfg
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                node[p] = {}
-            node = node[p]
-        node[parts[-1]] = yaml.safe_load(val)
-    return cfg
-
-
-def load_config(path: str | None, overrides: list[str] | None = None) -> dict:
-    import yaml
-
-    cfg: dict = {}
-    if path:
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-        base = cfg.pop("base", None)  # `base: other.yaml` (relative to this file) is merged under
-        if base:
-            bpath = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
-            cfg = deep_merge(load_config(bpath), cfg)
-    return apply_overrides(cfg, overrides)
 
 
 def _bf16_native() -> bool:
@@ -830,8 +788,7 @@ def build_arg_parser():
     p.add_argument("--max_steps", type=int, help="replaces train.max_steps (the cosine horizon)")
     p.add_argument("--stop_after", type=int, help="checkpoint and stop after this step (schedule unchanged)")
     # extend: `--set a=1 b=2` and `--set a=1 --set b=2` both apply every override
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="config overrides (repeatable), e.g. --set train.max_minutes=5 data.shards=DIR")
+    add_set_argument(p)
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     return p
