@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codec.base import make_fingerprint, state_dict_sha256
+from .fingerprint import make_fingerprint, state_dict_sha256
 
 __all__ = ["MuLaNEmbedQuantizer", "QUANTIZER_PRESETS", "ResidualVQ", "auto_codebook_size", "kmeans"]
 

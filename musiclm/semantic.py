@@ -45,16 +45,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from .codec.base import (
-    canonical_json,
-    config_sha256,
-    dtype_name,
-    hf_config_dict,
-    make_fingerprint,
-    resolve_torch_dtype,
-    state_dict_sha256,
-)
-from .codec.base import as_batch
+from .fingerprint import canonical_json, config_sha256, hf_config_dict, make_fingerprint, state_dict_sha256
+from .tensors import as_batch, dtype_name, resolve_torch_dtype
 
 __all__ = [
     "SemanticFeatures",

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from .codec import AcousticTokenizer, build_acoustic
-from .codec.base import as_batch, canonical_json
+from .fingerprint import canonical_json
+from .tensors import as_batch
 from .mulan import AudioTextEmbedder, build_embedder
 from .quantize import QUANTIZER_PRESETS, MuLaNEmbedQuantizer, auto_codebook_size
 from .semantic import SemanticFeatures, SemanticTokenizer, build_semantic

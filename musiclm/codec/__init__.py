@@ -7,16 +7,14 @@ such as ``{"type": "encodec", "model": "facebook/encodec_24khz", "bandwidth": 6.
 
 from __future__ import annotations
 
-from .base import AcousticTokenizer, make_fingerprint, state_dict_sha256
+from .base import AcousticTokenizer
 from .encodec import EncodecTokenizer, random_encodec_24khz
 
 __all__ = [
     "AcousticTokenizer",
     "EncodecTokenizer",
     "build_acoustic",
-    "make_fingerprint",
     "random_encodec_24khz",
-    "state_dict_sha256",
 ]
 
 

@@ -19,14 +19,8 @@ import warnings
 import numpy as np
 import torch
 
-from .base import (
-    as_batch,
-    dtype_name,
-    hf_config_dict,
-    make_fingerprint,
-    resolve_torch_dtype,
-    state_dict_sha256,
-)
+from ..fingerprint import hf_config_dict, make_fingerprint, state_dict_sha256
+from ..tensors import as_batch, dtype_name, resolve_torch_dtype
 
 __all__ = ["EncodecTokenizer", "random_encodec_24khz"]
 

@@ -200,7 +200,7 @@ def generate_semantic(model, stage, conds: np.ndarray, n_new: int, *, cond_scale
 
 
 def _check_fingerprint(index: dict, name: str, fp: dict, what: str) -> None:
-    from musiclm.codec.base import canonical_json
+    from musiclm.fingerprint import canonical_json
 
     have = (index.get("fingerprints") or {}).get(name)
     if have is None:

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..codec.base import dtype_name, hf_config_dict, make_fingerprint, resolve_torch_dtype, state_dict_sha256
+from ..fingerprint import hf_config_dict, make_fingerprint, state_dict_sha256
+from ..tensors import dtype_name, resolve_torch_dtype
 from ..semantic import _small_dict
 from .embedder import AudioTextEmbedder
 

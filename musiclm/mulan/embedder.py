@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..codec.base import as_batch
+from ..tensors import as_batch
 
 __all__ = ["AudioTextEmbedder", "window_spans"]
 

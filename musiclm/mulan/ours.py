@@ -198,7 +198,7 @@ class MuLaNEmbedder(AudioTextEmbedder):
 
     def fingerprint(self) -> dict:
         if self._fingerprint is None:
-            from musiclm.codec.base import make_fingerprint, state_dict_sha256
+            from musiclm.fingerprint import make_fingerprint, state_dict_sha256
 
             self._fingerprint = make_fingerprint(
                 "mulan", self.name, self.config(), state_dict_sha256(self.model),
