@@ -42,7 +42,7 @@ _hide_binaries()
 
 @pytest.fixture(scope="session")
 def moto_server():
-    from musiclm.bench.shards import MotoServer
+    from musiclm.testing import MotoServer
 
     server = MotoServer().start()
     try:

@@ -16,6 +16,7 @@ import soundfile as sf
 import torch
 
 from musiclm.mulan.loss import contrastive_loss
+from musiclm.net import free_port
 from musiclm.mulan.model import MuLaN, resolve_config, resolve_pretrained, train_caption_tokenizer
 
 SR = 16000
@@ -139,20 +140,12 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_gather_the_global_batch(tmp_path):
     """gloo, 2 processes: every local row is scored against the global batch; the loss and the
     gradients equal those of one process holding the whole batch."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for c, sizes in enumerate(CASES):
         res = [per_rank[r][c] for r in range(2)]

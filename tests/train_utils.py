@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from collections import Counter
 
 import numpy as np
 import yaml
+
+from musiclm.net import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "launch", "configs", "tiny", "tiny.yaml")
@@ -33,7 +34,7 @@ def tiny_tokens() -> dict:
 
 
 def make_tiny_shards(directory: str, *, n_train: int = 128, n_eval: int = 32, seed: int = 0) -> str:
-    from musiclm.train.data import make_synthetic_token_shards
+    from musiclm.testing import make_synthetic_token_shards
 
     make_synthetic_token_shards(directory, tiny_tokens(), n_train=n_train, n_eval=n_eval, seconds=4.0,
                                 samples_per_shard=16, seed=seed)
@@ -57,12 +58,6 @@ def unigram_entropy(shard_dir: str, stage: str) -> float:
                 counts.update((lv, int(x)) for x in ac[lv])
     n = sum(counts.values())
     return -sum(c / n * math.log(c / n) for c in counts.values())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:

@@ -8,18 +8,14 @@ semantic [250] (25 Hz), MuLaN float16 [512] (CLAP-sized) and cond [3, 8].
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
-import uuid
 
 import numpy as np
+
+from musiclm.testing import MotoServer, environ
 
 FINGERPRINTS = {
     "acoustic": {"kind": "acoustic", "name": "bench", "frame_rate": 75, "levels": 8, "codebook_size": 1024},
@@ -27,103 +23,6 @@ FINGERPRINTS = {
     "mulan": {"kind": "mulan", "name": "bench", "dim": 512},
     "quantizer": {"kind": "quantizer", "name": "bench", "namespaces": ["semantic", "coarse", "fine"], "levels": 8, "codebook_size": 1024},
 }
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class MotoServer:
-    """``moto_server -H 127.0.0.1 -p <free port>`` as a subprocess (the real S3 HTTP protocol, in
-    memory). ``start()`` waits until it answers; ``stop()`` ends only this process.
-    ``env()`` gives the AWS_* variables that point s3fs/boto at it."""
-
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0):
-        self.host = host
-        self.port = port or free_port(host)
-        self.timeout = timeout
-        self.proc: subprocess.Popen | None = None
-        self.log = tempfile.TemporaryFile()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def env(self) -> dict[str, str]:
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-
-    def _command(self) -> list[str]:
-        exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
-        if not os.path.exists(exe):
-            exe = shutil.which("moto_server") or ""
-        if exe:
-            return [exe, "-H", self.host, "-p", str(self.port)]
-        return [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
-
-    def start(self) -> "MotoServer":
-        self.proc = subprocess.Popen(self._command(), stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"moto_server exited with {self.proc.returncode}: {self.log.read()[-2000:].decode(errors='replace')}")
-            try:
-                with urllib.request.urlopen(self.endpoint + "/", timeout=1):
-                    return self
-            except Exception:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"moto_server did not answer on {self.endpoint} within {self.timeout} s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        self.log.close()
-
-    def create_bucket(self, name: str | None = None) -> str:
-        """Create a bucket; returns ``s3://<name>``."""
-        import s3fs
-
-        name = name or f"musiclm-{uuid.uuid4().hex[:10]}"
-        fs = s3fs.S3FileSystem(
-            key="testing", secret="testing", endpoint_url=self.endpoint,
-            skip_instance_cache=True,
-        )
-        fs.mkdir(name)
-        return f"s3://{name}"
-
-    def __enter__(self) -> "MotoServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def synth_sample(i: int, rng: np.random.Generator, *, seconds: float = 10.0, levels: int = 8, acoustic_rate: int = 75,
@@ -212,7 +111,7 @@ def run(samples: int = 2000, *, shard_samples: int = 256, shuffle: int = 1000, s
         local = os.path.join(tmp, "tokens")
         out["local"] = {"write": _write(local, data, shard_samples), "read": _read(local, shuffle, repeats)}
         if s3:
-            with MotoServer() as server, _environ(server.env()):
+            with MotoServer() as server, environ(server.env()):
                 bucket = server.create_bucket()
                 remote = f"{bucket}/bench/tokens"
                 out["s3"] = {

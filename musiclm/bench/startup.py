@@ -16,7 +16,6 @@ engine's own split of the start-up (imports, init_distributed, build_model, deep
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -26,47 +25,18 @@ import sys
 import tempfile
 import time
 
-__all__ = ["run", "make_synthetic_audio_shards"]
+from musiclm.net import free_port
+
+__all__ = ["run"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # (stage, processes) as scripts/demo.sh trains them
 DEMO_MODELS = (("mulan", 1), ("semantic", 2), ("coarse", 2), ("fine", 2))
 
 
-def make_synthetic_audio_shards(directory: str, *, n_train: int = 32, n_eval: int = 8, seconds: float = 10.0,
-                                sample_rate: int = 24000) -> dict:
-    """Audio shards (train + eval) of demo-corpus beats with their captions, for MuLaN/codec runs."""
-    import soundfile as sf
-
-    from musiclm.data.demo_corpus import make_clip
-    from musiclm.data.shards import ShardWriter, write_index
-
-    shards = []
-    for split, lo, hi in (("train", 0, n_train), ("eval", n_train, n_train + n_eval)):
-        with ShardWriter(directory, split, kind="audio", max_samples=16) as w:
-            for i in range(lo, hi):
-                rec, wav = make_clip(0, i, seconds=seconds, sample_rate=sample_rate)
-                buf = io.BytesIO()
-                sf.write(buf, wav, sample_rate, format="FLAC", subtype="PCM_16")
-                w.write({"__key__": f"{rec['id']}__0000", "flac": buf.getvalue(),
-                         "json": {"clip_id": rec["id"], "caption": rec["caption"], "source": "synthetic",
-                                  "start": 0.0, "end": seconds, "sample_rate": sample_rate,
-                                  "tags": {"bpm": rec["bpm"], "style": rec["style"]}}})
-        shards.extend(w.close())
-    return write_index(directory, shards, kind="audio", fingerprints={})
-
-
 def _deepspeed_bin() -> str:
     cand = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     return cand if os.path.exists(cand) else "deepspeed"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _demo_tokens() -> dict:
@@ -77,7 +47,7 @@ def _demo_tokens() -> dict:
 
 
 def _launch(stage: str, procs: int, shards: str, run_dir: str, env: dict, timeout: float) -> dict:
-    cmd = [_deepspeed_bin(), "--num_gpus", str(procs), "--master_port", str(_free_port()), "launch/train.py",
+    cmd = [_deepspeed_bin(), "--num_gpus", str(procs), "--master_port", str(free_port()), "launch/train.py",
            "--stage", stage, "--config", os.path.join("launch", "configs", f"{stage}.yaml"),
            "--deepspeed_config", os.path.join("deepspeed_configs", "cpu.json"), "--run_dir", run_dir,
            "--resume", "none", "--shards", shards,
@@ -109,7 +79,7 @@ def _launch(stage: str, procs: int, shards: str, run_dir: str, env: dict, timeou
 def run(models: list[str] | None = None, repeats: int = 3, fresh_extensions: bool = True, out_dir: str | None = None,
         threads: int = 1, timeout: float = 600, goal_s: float = 15.0) -> dict:
     """Launch-to-first-step seconds per demo model (see the module docstring)."""
-    from musiclm.train.data import make_synthetic_token_shards
+    from musiclm.testing import make_synthetic_audio_shards, make_synthetic_token_shards
 
     wanted = models or [m for m, _ in DEMO_MODELS]
     unknown = sorted(set(wanted) - {m for m, _ in DEMO_MODELS})

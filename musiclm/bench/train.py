@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+from musiclm.net import free_port
+
 __all__ = ["run", "DEMO_TOKENS"]
 
 DEMO_TOKENS = {
@@ -39,14 +41,6 @@ DEMO_TOKENS = {
 def _deepspeed_bin() -> str:
     cand = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     return cand if os.path.exists(cand) else "deepspeed"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _after_warmup(recs: list[dict], key: str, how: str = "best") -> float | None:
@@ -114,6 +108,7 @@ def run(stage: str = "coarse", preset: str = "small", zero_stages=(0, 1, 2, 3), 
     threads per process (OMP_NUM_THREADS); ``peak_flops``: FLOP/s of one process for MFU."""
     import yaml
 
+    from musiclm.testing import make_synthetic_token_shards
     from musiclm.train import data as tdata
     from musiclm.train.spec import get_train_spec
 
@@ -136,8 +131,8 @@ def run(stage: str = "coarse", preset: str = "small", zero_stages=(0, 1, 2, 3), 
     }
     seconds = max(2.0 * window_seconds, 2.0)
     if not os.path.exists(os.path.join(shards, "index.json")):
-        tdata.make_synthetic_token_shards(shards, cfg["tokens"], n_train=256, n_eval=8, seconds=seconds,
-                                          samples_per_shard=32)
+        make_synthetic_token_shards(shards, cfg["tokens"], n_train=256, n_eval=8, seconds=seconds,
+                                    samples_per_shard=32)
     spec = get_train_spec(stage)
     spec.configure(cfg)
     model = spec.build_model(cfg)
@@ -179,7 +174,7 @@ def run(stage: str = "coarse", preset: str = "small", zero_stages=(0, 1, 2, 3), 
             cfg_path = os.path.join(work, f"{name}.yaml")
             with open(cfg_path, "w") as f:
                 yaml.safe_dump(c, f)
-            cmd = [_deepspeed_bin(), "--num_gpus", str(p), "--master_port", str(_free_port()), "--module",
+            cmd = [_deepspeed_bin(), "--num_gpus", str(p), "--master_port", str(free_port()), "--module",
                    "musiclm.train.engine", "--config", cfg_path, "--run_dir", run_dir, "--resume", "none"]
             t0 = time.time()
             log_path = run_dir + ".log"

@@ -31,7 +31,7 @@ from musiclm.data import shards as _shards
 
 __all__ = [
     "as_list", "shard_urls", "check_shard_fingerprints", "resolve_shard_dirs", "BatchStream", "eval_batches", "sample_rng",
-    "reader_throughput", "make_synthetic_token_shards", "synthetic_fingerprints",
+    "reader_throughput",
 ]
 
 
@@ -433,79 +433,3 @@ def reader_throughput(urls: list[str], split: str, *, build_example, collate, cf
             break
     dt = time.perf_counter() - t0
     return {"samples": n, "seconds": dt, "samples_per_s": n / dt if dt > 0 else 0.0}
-
-
-# -----------------------------------------------------------------------------------------------
-# Synthetic token shards with learnable structure (tests, benchmarks, smoke runs)
-
-
-def synthetic_fingerprints(tokens: dict) -> dict:
-    """Fingerprints of a made-up tokenizer set matching a ``tokens:`` config section."""
-    t = dict(tokens)
-    ns = list(t.get("cond_namespaces", ["semantic", "coarse", "fine"]))
-    return {
-        "acoustic": {"kind": "acoustic", "name": "synthetic", "config": {}, "weights_sha256": "0" * 64,
-                     "sample_rate": 24000, "frame_rate": float(t["acoustic_rate"]),
-                     "levels": int(t["acoustic_levels"]), "codebook_size": int(t["acoustic_codebook"])},
-        "semantic": {"kind": "semantic", "name": "synthetic", "config": {}, "weights_sha256": "0" * 64,
-                     "sample_rate": 16000, "frame_rate": float(t["semantic_rate"]),
-                     "vocab_size": int(t["semantic_vocab"])},
-        "mulan": {"kind": "mulan", "name": "synthetic", "config": {}, "weights_sha256": "0" * 64,
-                  "sample_rate": 24000, "dim": 8},
-        "quantizer": {"kind": "quantizer", "name": "synthetic", "config": {}, "weights_sha256": "0" * 64,
-                      "sample_rate": 0, "namespaces": ns, "levels": int(t["cond_levels"]),
-                      "codebook_size": int(t["cond_codebook"])},
-    }
-
-
-def synthetic_sample(key: str, rng: np.random.Generator, tokens: dict, seconds: float) -> dict:
-    """One token-shard sample whose streams are predictable from each other:
-
-    - cond tokens: random; semantic id t = (start + t * stride) mod V with start and stride given
-      by the semantic namespace's first two cond tokens (learnable from cond + previous token);
-    - acoustic level q, frame t = (semantic id at that time * (q + 1) + q) mod codebook for the
-      coarse levels, and (coarse level 0 + coarse level 1 + q) mod codebook for the fine levels,
-      so coarse codes follow from semantic ids and fine codes from coarse codes."""
-    t = tokens
-    Vs, C = int(t["semantic_vocab"]), int(t["acoustic_codebook"])
-    Q, Qc = int(t["acoustic_levels"]), int(t["coarse_levels"])
-    K, Cc = int(t["cond_levels"]), int(t["cond_codebook"])
-    ns = list(t.get("cond_namespaces", ["semantic", "coarse", "fine"]))
-    n_s = int(round(seconds * float(t["semantic_rate"])))
-    n_a = int(round(seconds * float(t["acoustic_rate"])))
-    cond = rng.integers(0, Cc, size=(len(ns), K))
-    start, stride = int(cond[0, 0]) % Vs, 1 + int(cond[0, 1 % K]) % 3
-    sem = (start + stride * np.arange(n_s)) % Vs
-    ratio = float(t["acoustic_rate"]) / float(t["semantic_rate"])
-    sem_at_a = sem[np.minimum((np.arange(n_a) / ratio).astype(np.int64), n_s - 1)]
-    ac = np.zeros((Q, n_a), dtype=np.int64)
-    for q in range(Qc):
-        ac[q] = (sem_at_a * (q + 1) + q) % C
-    for q in range(Qc, Q):
-        ac[q] = (ac[0] + ac[min(1, Qc - 1)] + q) % C
-    return {
-        "__key__": key,
-        "acoustic.npy": ac.astype(np.int16),
-        "semantic.npy": sem.astype(np.int16),
-        "mulan.npy": rng.standard_normal(8).astype(np.float16),
-        "cond.npy": cond.astype(np.int16),
-        "json": {"clip_id": key.split("__")[0], "caption": "synthetic", "source": "synthetic",
-                 "start": 0.0, "end": float(seconds), "sample_rate": 24000, "tags": {}},
-    }
-
-
-def make_synthetic_token_shards(directory: str, tokens: dict, *, n_train: int = 64, n_eval: int = 16,
-                                seconds: float = 4.0, samples_per_shard: int = 16, seed: int = 0,
-                                fingerprints: dict | None = None) -> dict:
-    """Write train/eval token shards + index.json of synthetic samples into ``directory``."""
-    rng = np.random.default_rng(seed)
-    all_shards = []
-    for split, n in (("train", n_train), ("eval", n_eval)):
-        if n <= 0:
-            continue
-        w = _shards.ShardWriter(directory, split, kind="tokens", max_samples=samples_per_shard)
-        for i in range(n):
-            w.write(synthetic_sample(f"{split}{i:05d}__0000", rng, tokens, seconds))
-        all_shards.extend(w.close())
-    fps = fingerprints or synthetic_fingerprints(tokens)
-    return _shards.write_index(directory, all_shards, kind="tokens", fingerprints=fps)
