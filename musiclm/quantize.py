@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import storage
 from .fingerprint import make_fingerprint, state_dict_sha256
 
 __all__ = ["MuLaNEmbedQuantizer", "QUANTIZER_PRESETS", "ResidualVQ", "auto_codebook_size", "kmeans"]
@@ -352,14 +353,10 @@ class MuLaNEmbedQuantizer(nn.Module):
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = os.path.join(directory, self.WEIGHTS_FILE + ".tmp")
-        save_file(state, tmp, metadata={"format": "musiclm-mulan-rvq"})
-        os.replace(tmp, os.path.join(directory, self.WEIGHTS_FILE))
+        with storage.atomic_path(os.path.join(directory, self.WEIGHTS_FILE)) as tmp:
+            save_file(state, tmp, metadata={"format": "musiclm-mulan-rvq"})
         cfg = dict(self.config(), fitted_on=self.fitted_on)
-        tmp = os.path.join(directory, self.CONFIG_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-        os.replace(tmp, os.path.join(directory, self.CONFIG_FILE))
+        storage.write_json_atomic(os.path.join(directory, self.CONFIG_FILE), cfg, indent=2, sort_keys=True)
         return directory
 
     @classmethod

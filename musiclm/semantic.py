@@ -45,6 +45,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
+from .data import storage
 from .fingerprint import canonical_json, config_sha256, hf_config_dict, make_fingerprint, state_dict_sha256
 from .tensors import as_batch, dtype_name, resolve_torch_dtype
 
@@ -598,10 +599,8 @@ def save_centroids(
     meta = {"format": "musiclm-kmeans", "n_clusters": str(c.shape[0]), "dim": str(c.shape[1])}
     if features_config is not None:
         meta["features"] = canonical_json(features_config)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file({"centroids": c}, tmp, metadata=meta)
-    os.replace(tmp, path)
+    with storage.atomic_path(path) as tmp:
+        save_file({"centroids": c}, tmp, metadata=meta)
     return path
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .codec import AcousticTokenizer, build_acoustic
+from .data import storage
 from .fingerprint import canonical_json
 from .tensors import as_batch
 from .mulan import AudioTextEmbedder, build_embedder
@@ -272,10 +273,7 @@ class TokenizerBundle:
         else:
             cfg.pop("quantizer", None)
         doc = {"format": "musiclm-tokenizers", "version": 1, "config": cfg, "fingerprints": self.fingerprints()}
-        tmp = os.path.join(directory, BUNDLE_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2, sort_keys=True)
-        os.replace(tmp, os.path.join(directory, BUNDLE_FILE))
+        storage.write_json_atomic(os.path.join(directory, BUNDLE_FILE), doc, indent=2, sort_keys=True)
         return directory
 
     @classmethod

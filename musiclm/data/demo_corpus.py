@@ -31,6 +31,8 @@ from collections import Counter
 import numpy as np
 from scipy.signal import butter, fftconvolve, sosfilt
 
+from musiclm.data import storage
+
 __all__ = [
     "STYLES",
     "KEYS",
@@ -876,10 +878,8 @@ def _write_clip(args) -> dict:
     rec, wav = make_clip(seed, i, seconds, sample_rate)
     rel = f"audio/{rec['id']}.flac"
     path = os.path.join(out_dir, rel)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        sf.write(f, wav, sample_rate, format="FLAC", subtype="PCM_16")
-    os.replace(tmp, path)
+    with storage.atomic_path(path, fsync=False) as tmp:
+        sf.write(tmp, wav, sample_rate, format="FLAC", subtype="PCM_16")
     return {"id": rec["id"], "audio": rel, **{k: v for k, v in rec.items() if k != "id"}}
 
 
@@ -916,11 +916,7 @@ def generate_corpus(out_dir: str, clips: int, seed: int = 0, seconds: float = 10
             bar.update(1)
     bar.close()
     manifest = os.path.join(out_dir, "manifest.jsonl")
-    tmp = manifest + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, manifest)
+    storage.write_text_atomic(manifest, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
     bpms = [r["bpm"] for r in records]
     return {
         "out_dir": out_dir,

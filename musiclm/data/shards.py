@@ -318,7 +318,7 @@ class ShardWriter:
         self.next_shard += 1
         tmp_dir = None if self._remote else self.directory
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=PARTIAL_SUFFIX, dir=tmp_dir)
-        os.fchmod(fd, storage._file_mode())  # mkstemp makes 0600; a published shard follows the umask
+        os.fchmod(fd, storage.file_mode())  # mkstemp makes 0600; a published shard follows the umask
         os.close(fd)
         return _OpenShard(storage.join(self.directory, name), tmp)
 

