@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-import torch
 
 __all__ = ["canonical_json", "canonical_hash", "config_sha256", "tensor_bytes", "state_dict_sha256",
            "make_fingerprint", "hf_config_dict"]
-
-
 
 
 def _jsonable(obj: Any) -> Any:
@@ -34,9 +32,10 @@ def _jsonable(obj: Any) -> Any:
         return float(obj)
     if isinstance(obj, np.ndarray):
         return obj.tolist()
-    if isinstance(obj, torch.dtype):
+    torch = sys.modules.get("torch")  # not imported: obj cannot be a torch object (shards need no torch)
+    if torch is not None and isinstance(obj, torch.dtype):
         return str(obj).replace("torch.", "")
-    if isinstance(obj, torch.Tensor):
+    if torch is not None and isinstance(obj, torch.Tensor):
         return obj.tolist()
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
@@ -54,6 +53,8 @@ def config_sha256(obj: Any) -> str:
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """Raw bytes of a tensor (any dtype, bf16 included), on CPU, contiguous."""
+    import torch
+
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
         return b""
@@ -65,6 +66,8 @@ def state_dict_sha256(state: torch.nn.Module | Mapping[str, Any] | Iterable[tupl
 
     Accepts a module (its ``state_dict()``), a mapping name -> tensor/ndarray, or (name, value) pairs.
     """
+    import torch
+
     if isinstance(state, torch.nn.Module):
         items = state.state_dict().items()
     elif isinstance(state, Mapping):

@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from musiclm.config import add_set_argument  # noqa: E402
 from musiclm.data import segments as S  # noqa: E402
 from musiclm.data import storage  # noqa: E402
+from musiclm.fingerprint import canonical_hash  # noqa: E402
 
 GROUPS_DIR = "_groups"
 PLAN_NAME = "plan.json"
@@ -267,9 +268,9 @@ def make_plan(args, job: str, params: dict, *, clips_per_group: int) -> tuple[li
     groups, errors = S.plan_groups(clips, clips_per_group, split_of=split_for)
     body = {"job": job, "params": params, "clips_per_group": clips_per_group,
             "groups": [[g.name, [c["id"] for c in g.clips]] for g in groups],
-            "clips": S.canonical_hash([[c["id"], c["audio"], c.get("start"), c.get("end"), c.get("caption"),
+            "clips": canonical_hash([[c["id"], c["audio"], c.get("start"), c.get("end"), c.get("caption"),
                                         c.get("split")] for g in groups for c in g.clips])}
-    plan = {"job": job, "manifest": args.manifest, "plan_hash": S.canonical_hash(body), "params": params,
+    plan = {"job": job, "manifest": args.manifest, "plan_hash": canonical_hash(body), "params": params,
             "clips_per_group": clips_per_group, "groups": len(groups),
             "clips": sum(len(g.clips) for g in groups), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return groups, errors, plan

@@ -188,11 +188,6 @@ def error_record(clip: dict, reason: str, detail: str = "", *, stage: str = "dec
             "stage": stage, "reason": reason, "detail": str(detail)[:500]}
 
 
-def canonical_hash(obj: Any, n: int = 16) -> str:
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:n]
-
-
 def sample_clips(clips: Sequence[dict], max_clips: int | None, seed: int = 0) -> list[dict]:
     """A deterministic sample (by hash of id and seed) of at most `max_clips` clips."""
     if not max_clips or len(clips) <= max_clips:
