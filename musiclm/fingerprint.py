@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 __all__ = ["canonical_json", "canonical_hash", "config_sha256", "tensor_bytes", "state_dict_sha256",
-           "make_fingerprint", "hf_config_dict"]
+           "make_fingerprint", "hf_config_dict", "preprocessor_config_dict"]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -118,6 +118,19 @@ def hf_config_dict(config: Any) -> dict:
     except Exception:  # pragma: no cover - very old configs
         d = config.to_dict()
     return _filter_config(d)
+
+
+def preprocessor_config_dict(d: Mapping[str, Any]) -> dict:
+    """A feature extractor's ``to_dict()`` for fingerprints: without private keys and bulky arrays
+    (mel filter banks, windows), as canonical JSON values."""
+    out = {}
+    for k, v in d.items():
+        if k.startswith("_") or k in ("processor_class",):
+            continue
+        if isinstance(v, np.ndarray) or (isinstance(v, (list, tuple)) and len(v) > 64):
+            continue
+        out[k] = v
+    return json.loads(canonical_json(out))
 
 
 _DROP_CONFIG_KEYS = {

@@ -33,8 +33,9 @@ from torch import nn
 
 from .data import storage
 from .fingerprint import make_fingerprint, state_dict_sha256
+from .kmeans import kmeans
 
-__all__ = ["MuLaNEmbedQuantizer", "QUANTIZER_PRESETS", "ResidualVQ", "auto_codebook_size", "kmeans"]
+__all__ = ["MuLaNEmbedQuantizer", "QUANTIZER_PRESETS", "ResidualVQ", "auto_codebook_size"]
 
 QUANTIZER_PRESETS = {
     "default": {"levels": 8, "codebook_size": 1024},
@@ -54,24 +55,6 @@ def auto_codebook_size(num_embeddings: int, cap: int = 1024, points_per_code: in
     n = max(1, int(num_embeddings))
     size = 2 ** int(round(np.log2(max(1.0, n / points_per_code))))
     return int(min(int(cap), max(int(minimum), size)))
-
-
-def kmeans(x: np.ndarray, k: int, seed: int = 0, max_iter: int = 100, minibatch_above: int = 20_000) -> np.ndarray:
-    """k-means centroids ``[k, D]`` of ``x [N, D]`` (N >= k): sklearn ``KMeans`` (k-means++), or
-    ``MiniBatchKMeans`` above ``minibatch_above`` rows."""
-    from sklearn.cluster import KMeans, MiniBatchKMeans
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    with warnings.catch_warnings():
-        # identical residuals (e.g. after a level that already fits every point) are fine
-        warnings.filterwarnings("ignore", message=".*Number of distinct clusters.*")
-        if x.shape[0] > minibatch_above:
-            km = MiniBatchKMeans(
-                n_clusters=k, random_state=seed, n_init=3, max_iter=max_iter, batch_size=4096, compute_labels=False
-            ).fit(x)
-        else:
-            km = KMeans(n_clusters=k, random_state=seed, n_init=1, max_iter=max_iter).fit(x)
-    return km.cluster_centers_.astype(np.float32)
 
 
 class ResidualVQ(nn.Module):

@@ -40,26 +40,33 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from .data import storage
-from .fingerprint import canonical_json, config_sha256, hf_config_dict, make_fingerprint, state_dict_sha256
+from .kmeans import fit_kmeans
+from .fingerprint import (canonical_json, config_sha256, hf_config_dict, make_fingerprint, preprocessor_config_dict,
+                          state_dict_sha256)
 from .tensors import as_batch, dtype_name, resolve_torch_dtype
 
 __all__ = [
+    "FEATURE_TYPES",
+    "HFLayerFeatures",
+    "LogMelFeatures",
+    "MFCCFeatures",
+    "MuLaNLayerFeatures",
     "SemanticFeatures",
     "SemanticTokenizer",
     "build_semantic",
+    "feature_types",
     "fit_kmeans",
     "load_centroids",
     "pool_frames",
+    "register_features",
     "save_centroids",
 ]
-
-FEATURE_TYPES = ("hf", "mfcc", "logmel", "mulan")
 
 
 def pool_frames(frames: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -101,20 +108,32 @@ def pool_frames_by_time(frames: torch.Tensor, frame_seconds: float, num_frames: 
     return torch.einsum("tn,bnc->btc", w, frames.float()).to(frames.dtype)
 
 
-def _small_dict(d: Mapping[str, Any]) -> dict:
-    """Drop private keys and bulky arrays (mel filter banks, windows) from a preprocessor dict."""
-    out = {}
-    for k, v in d.items():
-        if k.startswith("_") or k in ("processor_class",):
-            continue
-        if isinstance(v, np.ndarray) or (isinstance(v, (list, tuple)) and len(v) > 64):
-            continue
-        out[k] = v
-    return json.loads(canonical_json(out))
+_FEATURES: dict[str, type["SemanticFeatures"]] = {}
+
+
+def register_features(name: str):
+    """Class decorator: make a :class:`SemanticFeatures` subclass the ``type: name`` of the config."""
+
+    def deco(cls: type["SemanticFeatures"]) -> type["SemanticFeatures"]:
+        if name in _FEATURES:
+            raise ValueError(f"semantic feature type {name!r} is already registered ({_FEATURES[name].__name__})")
+        _FEATURES[name] = cls
+        return cls
+
+    return deco
+
+
+def feature_types() -> tuple[str, ...]:
+    """Registered feature types, in registration order."""
+    return tuple(_FEATURES)
 
 
 class SemanticFeatures:
     """Frame features at ``rate`` Hz for the semantic tokenizer (lazy: loads on first use).
+
+    ``SemanticFeatures(type=..., ...)`` returns the registered class of that type
+    (:func:`register_features`): :class:`HFLayerFeatures` (``"hf"``), :class:`MFCCFeatures`
+    (``"mfcc"``), :class:`LogMelFeatures` (``"logmel"``), :class:`MuLaNLayerFeatures` (``"mulan"``).
 
     Args:
         type: ``"hf"`` (transformers model), ``"mfcc"``, ``"logmel"`` or ``"mulan"`` (our MuLaN's
@@ -133,6 +152,14 @@ class SemanticFeatures:
     """
 
     kind = "semantic_features"
+    needs_model = False  # hf / mulan: a model id or directory is required
+
+    def __new__(cls, type: str = "mfcc", *args: Any, **kwargs: Any) -> "SemanticFeatures":
+        if cls is SemanticFeatures:
+            if type not in _FEATURES:
+                raise ValueError(f"semantic feature type must be one of {feature_types()}, got {type!r}")
+            cls = _FEATURES[type]
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -148,9 +175,7 @@ class SemanticFeatures:
         trust_remote_code: bool = False,
         freq: str = "concat",
     ):
-        if type not in FEATURE_TYPES:
-            raise ValueError(f"semantic feature type must be one of {FEATURE_TYPES}, got {type!r}")
-        if type in ("hf", "mulan") and not model:
+        if self.needs_model and not model:
             raise ValueError(f"semantic features of type {type!r} need a model id or directory")
         if freq not in ("concat", "mean"):
             raise ValueError(f"freq must be 'concat' or 'mean', got {freq!r}")
@@ -165,14 +190,6 @@ class SemanticFeatures:
         self.device = torch.device(device)
         self.dtype = resolve_torch_dtype(dtype)
         self.trust_remote_code = bool(trust_remote_code)
-        self._model = None
-        self._fe = None
-        self._fe_loaded = False
-        self._transform = None
-        self._captured: list[torch.Tensor] = []
-        self._use_hook = False
-        self._weights_sha: str | None = None
-        self._mulan: dict | None = None  # type="mulan": tower parts, frontend, configs
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], device: str | torch.device = "cpu") -> "SemanticFeatures":
@@ -183,13 +200,6 @@ class SemanticFeatures:
     # ------------------------------------------------------------------ rates
     @property
     def sample_rate(self) -> int:
-        if self.type == "hf":
-            fe = self.feature_extractor
-            if fe is not None and getattr(fe, "sampling_rate", None):
-                return int(fe.sampling_rate)
-            return self._sample_rate or 16_000
-        if self.type == "mulan":
-            return int(self.mulan["audio_config"]["sample_rate"])
         return self._sample_rate or 16_000
 
     @property
@@ -202,21 +212,85 @@ class SemanticFeatures:
 
     @property
     def dim(self) -> int:
-        if self.type == "mfcc":
-            return self.n_mfcc
-        if self.type == "logmel":
-            return self.n_mels
-        if self.type == "mulan":
-            m = self.mulan
-            return m["width"] * (m["freq_patches"] if self.freq == "concat" else 1)
-        cfg = self.model.config
-        return int(cfg.hidden_size)
+        raise NotImplementedError
 
-    # ------------------------------------------------------------------ lazy loading
+    # ------------------------------------------------------------------ what only some types have
     @property
     def feature_extractor(self):
-        if self.type != "hf":
-            return None
+        return None
+
+    @property
+    def model(self):
+        return None
+
+    @property
+    def mulan(self) -> dict:
+        raise AttributeError("only type='mulan' features have a MuLaN")
+
+    @property
+    def native_frame_seconds(self) -> float | None:
+        """Seconds per native feature vector (``type="mulan"``: one time patch; else None)."""
+        return None
+
+    # ------------------------------------------------------------------ features
+    @torch.inference_mode()
+    def __call__(self, wav: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """float ``[B, T]`` at ``sample_rate`` -> float32 ``[B, T * rate // sample_rate, dim]`` (CPU)."""
+        wav = as_batch(wav)
+        return self._features(wav, self.num_frames(wav.shape[1]))
+
+    extract = __call__
+
+    def _features(self, wav: torch.Tensor, n_out: int) -> torch.Tensor:
+        """``[B, T]`` -> ``[B, n_out, dim]`` float32 on the CPU."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ fingerprint
+    def config(self) -> dict:
+        return {"type": self.type, "rate": self.rate, "sample_rate": self.sample_rate}
+
+    def weights_sha256(self) -> str | None:
+        """sha256 of the weights the features depend on (HF: the truncated model; MuLaN: patch
+        projection, positions and blocks 1..layer of the audio tower); None without weights."""
+        return None
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Save the (truncated) HF model and its feature extractor (``type="hf"`` only)."""
+        raise ValueError("only HF semantic features have weights to save")
+
+    def __repr__(self) -> str:
+        extra = f", model={self.model_id!r}, layer={self.layer}" if self.needs_model else ""
+        return f"SemanticFeatures(type={self.type!r}{extra}, rate={self.rate})"
+
+
+@register_features("hf")
+class HFLayerFeatures(SemanticFeatures):
+    """One hidden layer of a transformers audio model (w2v-BERT 2.0, HuBERT, MERT), pooled to ``rate``."""
+
+    needs_model = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._model = None
+        self._fe = None
+        self._fe_loaded = False
+        self._captured: list[torch.Tensor] = []
+        self._use_hook = False
+        self._weights_sha: str | None = None
+
+    @property
+    def sample_rate(self) -> int:
+        fe = self.feature_extractor
+        if fe is not None and getattr(fe, "sampling_rate", None):
+            return int(fe.sampling_rate)
+        return self._sample_rate or 16_000
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def feature_extractor(self):
         if not self._fe_loaded:
             from transformers import AutoFeatureExtractor
 
@@ -231,8 +305,6 @@ class SemanticFeatures:
 
     @property
     def model(self):
-        if self.type != "hf":
-            return None
         if self._model is None:
             from transformers import AutoModel
 
@@ -243,22 +315,6 @@ class SemanticFeatures:
             self._truncate(model)
             self._model = model.to(self.device)
         return self._model
-
-    @property
-    def mulan(self) -> dict:
-        """``type="mulan"``: the truncated audio tower and what runs it (loaded once)."""
-        if self.type != "mulan":
-            raise AttributeError("only type='mulan' features have a MuLaN")
-        if self._mulan is None:
-            self._mulan = _load_mulan_tower(self.model_id, self.layer, self.device)
-        return self._mulan
-
-    @property
-    def native_frame_seconds(self) -> float | None:
-        """Seconds per native feature vector (``type="mulan"``: one time patch; else None)."""
-        if self.type != "mulan":
-            return None
-        return self.mulan["patch_seconds"]
 
     def _truncate(self, model) -> None:
         """Keep blocks 1..layer, capture block ``layer``'s output with a forward hook."""
@@ -289,39 +345,8 @@ class SemanticFeatures:
         parent.layers[self.layer - 1].register_forward_hook(hook)
         self._use_hook = True
 
-    def _torchaudio_transform(self):
-        if self._transform is None:
-            import torchaudio
-
-            mel = dict(n_fft=400, win_length=400, hop_length=160, n_mels=self.n_mels, center=True)
-            if self.type == "mfcc":
-                self._transform = torchaudio.transforms.MFCC(
-                    sample_rate=self.sample_rate, n_mfcc=self.n_mfcc, log_mels=True, melkwargs=mel
-                )
-            else:
-                self._transform = torchaudio.transforms.MelSpectrogram(sample_rate=self.sample_rate, **mel)
-        return self._transform
-
-    # ------------------------------------------------------------------ features
-    @torch.inference_mode()
-    def __call__(self, wav: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """float ``[B, T]`` at ``sample_rate`` -> float32 ``[B, T * rate // sample_rate, dim]`` (CPU)."""
-        wav = as_batch(wav)
-        b, t = wav.shape
-        n_out = self.num_frames(t)
-        if self.type == "hf":
-            frames = self._hf_frames(wav)
-        elif self.type == "mulan":
-            frames = self._mulan_frames(wav)
-            return pool_frames_by_time(frames.float(), self.mulan["patch_seconds"], n_out, self.rate).cpu()
-        else:
-            x = self._torchaudio_transform()(wav)  # [B, C, N]
-            if self.type == "logmel":
-                x = torch.log(x + 1e-5)
-            frames = x.transpose(1, 2)
-        return pool_frames(frames.float(), n_out).cpu()
-
-    extract = __call__
+    def _features(self, wav: torch.Tensor, n_out: int) -> torch.Tensor:
+        return pool_frames(self._hf_frames(wav).float(), n_out).cpu()
 
     def _hf_frames(self, wav: torch.Tensor) -> torch.Tensor:
         model = self.model
@@ -353,6 +378,127 @@ class SemanticFeatures:
             self._captured.clear()
         return hidden
 
+    def config(self) -> dict:
+        cfg = super().config()
+        cfg.update(layer=self.layer, dtype=dtype_name(self.dtype))
+        cfg["model_config"] = hf_config_dict(self.model.config)
+        fe = self.feature_extractor
+        cfg["feature_extractor"] = preprocessor_config_dict(fe.to_dict()) if fe is not None else None
+        return cfg
+
+    def weights_sha256(self) -> str | None:
+        if self._weights_sha is None:
+            self._weights_sha = state_dict_sha256(self.model)
+        return self._weights_sha
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        directory = os.fspath(directory)
+        self.model.save_pretrained(directory)
+        if self.feature_extractor is not None:
+            self.feature_extractor.save_pretrained(directory)
+
+
+class _TorchaudioFeatures(SemanticFeatures):
+    """``torchaudio.transforms`` at 16 kHz, 25 ms windows, 10 ms hop, average-pooled to ``rate``."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._transform = None
+
+    def _make_transform(self, mel: dict):
+        raise NotImplementedError
+
+    def _torchaudio_transform(self):
+        if self._transform is None:
+            self._transform = self._make_transform(
+                dict(n_fft=400, win_length=400, hop_length=160, n_mels=self.n_mels, center=True))
+        return self._transform
+
+    def _frames(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+    def _features(self, wav: torch.Tensor, n_out: int) -> torch.Tensor:
+        x = self._torchaudio_transform()(wav)  # [B, C, N]
+        return pool_frames(self._frames(x).float(), n_out).cpu()
+
+
+@register_features("mfcc")
+class MFCCFeatures(_TorchaudioFeatures):
+    """MFCC (``n_mfcc`` coefficients of ``n_mels`` log-mel bands)."""
+
+    @property
+    def dim(self) -> int:
+        return self.n_mfcc
+
+    def _make_transform(self, mel: dict):
+        import torchaudio
+
+        return torchaudio.transforms.MFCC(sample_rate=self.sample_rate, n_mfcc=self.n_mfcc, log_mels=True,
+                                          melkwargs=mel)
+
+    def config(self) -> dict:
+        cfg = super().config()
+        cfg.update(n_mfcc=self.n_mfcc, n_mels=self.n_mels, n_fft=400, hop_length=160)
+        return cfg
+
+
+@register_features("logmel")
+class LogMelFeatures(_TorchaudioFeatures):
+    """log(mel power + 1e-5), ``n_mels`` bands."""
+
+    @property
+    def dim(self) -> int:
+        return self.n_mels
+
+    def _make_transform(self, mel: dict):
+        import torchaudio
+
+        return torchaudio.transforms.MelSpectrogram(sample_rate=self.sample_rate, **mel)
+
+    def _frames(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x + 1e-5).transpose(1, 2)
+
+    def config(self) -> dict:
+        cfg = super().config()
+        cfg.update(n_mels=self.n_mels, n_fft=400, hop_length=160)
+        return cfg
+
+
+@register_features("mulan")
+class MuLaNLayerFeatures(SemanticFeatures):
+    """One encoder block of our trained MuLaN's audio tower (see the module docstring)."""
+
+    needs_model = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._weights_sha: str | None = None
+        self._mulan: dict | None = None  # tower parts, frontend, configs
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.mulan["audio_config"]["sample_rate"])
+
+    @property
+    def dim(self) -> int:
+        m = self.mulan
+        return m["width"] * (m["freq_patches"] if self.freq == "concat" else 1)
+
+    @property
+    def mulan(self) -> dict:
+        """The truncated audio tower and what runs it (loaded once)."""
+        if self._mulan is None:
+            self._mulan = _load_mulan_tower(self.model_id, self.layer, self.device)
+        return self._mulan
+
+    @property
+    def native_frame_seconds(self) -> float | None:
+        return self.mulan["patch_seconds"]
+
+    def _features(self, wav: torch.Tensor, n_out: int) -> torch.Tensor:
+        frames = self._mulan_frames(wav)
+        return pool_frames_by_time(frames.float(), self.mulan["patch_seconds"], n_out, self.rate).cpu()
+
     def _mulan_frames(self, wav: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` -> ``[B, N, dim]``: one vector per time patch, windows concatenated in time.
 
@@ -382,46 +528,21 @@ class SemanticFeatures:
                 break
         return torch.cat(pieces, dim=1)
 
-    # ------------------------------------------------------------------ fingerprint
     def config(self) -> dict:
-        cfg: dict[str, Any] = {"type": self.type, "rate": self.rate, "sample_rate": self.sample_rate}
-        if self.type == "hf":
-            cfg.update(layer=self.layer, dtype=dtype_name(self.dtype))
-            cfg["model_config"] = hf_config_dict(self.model.config)
-            fe = self.feature_extractor
-            cfg["feature_extractor"] = _small_dict(fe.to_dict()) if fe is not None else None
-        elif self.type == "mulan":
-            m = self.mulan
-            cfg.update(layer=self.layer, freq=self.freq, dim=self.dim, mulan_audio_config=m["audio_config"],
-                       mulan_dim=m["mulan_dim"], native_frame_seconds=m["patch_seconds"],
-                       window_patches=m["window_patches"], pooling="time-overlap")
-        elif self.type == "mfcc":
-            cfg.update(n_mfcc=self.n_mfcc, n_mels=self.n_mels, n_fft=400, hop_length=160)
-        else:
-            cfg.update(n_mels=self.n_mels, n_fft=400, hop_length=160)
+        cfg = super().config()
+        m = self.mulan
+        cfg.update(layer=self.layer, freq=self.freq, dim=self.dim, mulan_audio_config=m["audio_config"],
+                   mulan_dim=m["mulan_dim"], native_frame_seconds=m["patch_seconds"],
+                   window_patches=m["window_patches"], pooling="time-overlap")
         return cfg
 
     def weights_sha256(self) -> str | None:
-        """sha256 of the weights the features depend on (HF: the truncated model; MuLaN: patch
-        projection, positions and blocks 1..layer of the audio tower); None without weights."""
-        if self.type not in ("hf", "mulan"):
-            return None
         if self._weights_sha is None:
-            self._weights_sha = state_dict_sha256(self.model if self.type == "hf" else self.mulan["tower"])
+            self._weights_sha = state_dict_sha256(self.mulan["tower"])
         return self._weights_sha
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Save the (truncated) HF model and its feature extractor (``type="hf"`` only)."""
-        if self.type != "hf":
-            raise ValueError("only HF semantic features have weights to save")
-        directory = os.fspath(directory)
-        self.model.save_pretrained(directory)
-        if self.feature_extractor is not None:
-            self.feature_extractor.save_pretrained(directory)
 
-    def __repr__(self) -> str:
-        extra = f", model={self.model_id!r}, layer={self.layer}" if self.type in ("hf", "mulan") else ""
-        return f"SemanticFeatures(type={self.type!r}{extra}, rate={self.rate})"
+FEATURE_TYPES = feature_types()
 
 
 def _load_mulan_tower(path: str, layer: int, device: torch.device) -> dict:
@@ -492,96 +613,8 @@ def _tower_tokens(tower, mel: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# k-means
+# k-means centroids (fitted by musiclm.kmeans.fit_kmeans)
 # ---------------------------------------------------------------------------------------------
-
-
-def _as_rows(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().float().cpu().numpy()
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim == 1:
-        x = x[None]
-    return x.reshape(-1, x.shape[-1])
-
-
-def fit_kmeans(
-    features_iter: Iterable[Any],
-    n_clusters: int,
-    seed: int = 0,
-    batch_size: int = 4096,
-    max_samples: int | None = None,
-    in_memory_limit: int = 200_000,
-    max_iter: int = 100,
-) -> np.ndarray:
-    """Fit k-means centroids (sklearn ``MiniBatchKMeans``) on feature frames.
-
-    ``features_iter`` yields arrays/tensors ``[..., D]`` (e.g. ``[B, T_s, D]`` batches); rows are
-    frames. The first ``in_memory_limit`` rows are fitted in memory with ``fit`` (k-means++ init,
-    several passes); rows beyond that refine the centroids with ``partial_fit`` in chunks of
-    ``batch_size`` (one pass, streaming). ``max_samples`` stops reading after that many rows.
-    With fewer rows than ``n_clusters`` the number of clusters is clipped (with a warning).
-    Returns float32 ``[n_clusters, D]`` centroids; deterministic for a seed and input order.
-    """
-    from sklearn.cluster import MiniBatchKMeans
-
-    buf: list[np.ndarray] = []
-    n_buf = 0
-    seen = 0
-    km = None
-
-    def flush_stream(final: bool) -> None:
-        nonlocal buf, n_buf
-        if not buf:
-            return
-        x = np.concatenate(buf)
-        start = 0
-        while x.shape[0] - start >= batch_size or (final and start < x.shape[0]):
-            km.partial_fit(x[start : start + batch_size])
-            start += batch_size
-        rest = x[start:]
-        buf, n_buf = ([rest], rest.shape[0]) if rest.shape[0] else ([], 0)
-
-    def fit_in_memory(x: np.ndarray):
-        k = n_clusters
-        if x.shape[0] < n_clusters:
-            warnings.warn(
-                f"fit_kmeans: only {x.shape[0]} frames for {n_clusters} clusters; clipping to {x.shape[0]} clusters",
-                stacklevel=3,
-            )
-            k = x.shape[0]
-        model = MiniBatchKMeans(
-            n_clusters=k, batch_size=batch_size, random_state=seed, n_init=3, max_iter=max_iter,
-            compute_labels=False,
-        )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Number of distinct clusters.*")
-            return model.fit(x)
-
-    for chunk in features_iter:
-        rows = _as_rows(chunk)
-        if max_samples is not None:
-            rows = rows[: max(0, max_samples - seen)]
-        seen += rows.shape[0]
-        if rows.shape[0]:
-            buf.append(rows)
-            n_buf += rows.shape[0]
-        if km is None and n_buf > in_memory_limit:
-            x = np.concatenate(buf)
-            km = fit_in_memory(x[:in_memory_limit])
-            buf, n_buf = [x[in_memory_limit:]], x.shape[0] - in_memory_limit
-        if km is not None and n_buf >= batch_size:
-            flush_stream(final=False)
-        if max_samples is not None and seen >= max_samples:
-            break
-
-    if km is None:
-        if n_buf == 0:
-            raise ValueError("fit_kmeans got no feature frames")
-        km = fit_in_memory(np.concatenate(buf))
-    else:
-        flush_stream(final=True)
-    return km.cluster_centers_.astype(np.float32)
 
 
 def save_centroids(

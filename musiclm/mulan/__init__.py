@@ -6,10 +6,13 @@
 * :class:`MuLaNEmbedQuantizer` (defined in :mod:`musiclm.quantize`) -- residual VQ stacks per
   namespace turning embeddings into the ``cond.npy`` tokens.
 * ``build_embedder(cfg)`` -- an embedder from a config section such as
-  ``{"type": "clap", "model": "laion/clap-htsat-unfused"}`` or ``{"type": "mulan", "model": DIR}``.
+  ``{"type": "clap", "model": "laion/clap-htsat-unfused"}`` or ``{"type": "mulan", "model": DIR}``;
+  ``type`` names a builder registered with :func:`register_embedder`.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from ..quantize import MuLaNEmbedQuantizer, ResidualVQ
 from .clap import ClapEmbedder
@@ -21,8 +24,45 @@ __all__ = [
     "MuLaNEmbedQuantizer",
     "ResidualVQ",
     "build_embedder",
+    "embedder_types",
+    "register_embedder",
     "window_spans",
 ]
+
+# type -> builder(cfg without "type" and "device", device) -> AudioTextEmbedder
+_EMBEDDERS: dict[str, Callable[[dict, str], AudioTextEmbedder]] = {}
+
+
+def register_embedder(name: str):
+    """Decorator: ``builder(cfg: dict, device: str) -> AudioTextEmbedder`` becomes ``type: name``."""
+
+    def deco(builder: Callable[[dict, str], AudioTextEmbedder]) -> Callable[[dict, str], AudioTextEmbedder]:
+        if name in _EMBEDDERS:
+            raise ValueError(f"MuLaN embedder type {name!r} is already registered")
+        _EMBEDDERS[name] = builder
+        return builder
+
+    return deco
+
+
+def embedder_types() -> tuple[str, ...]:
+    """Registered audio/text embedder types."""
+    return tuple(_EMBEDDERS)
+
+
+@register_embedder("clap")
+def _clap(cfg: dict, device: str) -> AudioTextEmbedder:
+    model = cfg.pop("model", "laion/clap-htsat-unfused")
+    return ClapEmbedder(model, device=device, **cfg)
+
+
+@register_embedder("mulan")
+def _mulan(cfg: dict, device: str) -> AudioTextEmbedder:
+    from .ours import MuLaNEmbedder
+
+    if "model" not in cfg:
+        raise ValueError("a MuLaN embedder config needs model: <directory>")
+    return MuLaNEmbedder(cfg.pop("model"), device=device, **cfg)
 
 
 def build_embedder(cfg: dict, device: str = "cpu") -> AudioTextEmbedder:
@@ -31,13 +71,6 @@ def build_embedder(cfg: dict, device: str = "cpu") -> AudioTextEmbedder:
     cfg = dict(cfg)
     kind = cfg.pop("type", "clap")
     device = cfg.pop("device", device)
-    if kind == "clap":
-        model = cfg.pop("model", "laion/clap-htsat-unfused")
-        return ClapEmbedder(model, device=device, **cfg)
-    if kind == "mulan":
-        from .ours import MuLaNEmbedder
-
-        if "model" not in cfg:
-            raise ValueError("a MuLaN embedder config needs model: <directory>")
-        return MuLaNEmbedder(cfg.pop("model"), device=device, **cfg)
-    raise ValueError(f"unknown MuLaN embedder type {kind!r} (known: clap, mulan)")
+    if kind not in _EMBEDDERS:
+        raise ValueError(f"unknown MuLaN embedder type {kind!r} (known: {', '.join(_EMBEDDERS)})")
+    return _EMBEDDERS[kind](cfg, device)

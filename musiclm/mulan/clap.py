@@ -17,9 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..fingerprint import hf_config_dict, make_fingerprint, state_dict_sha256
+from ..fingerprint import hf_config_dict, make_fingerprint, preprocessor_config_dict, state_dict_sha256
 from ..tensors import dtype_name, resolve_torch_dtype
-from ..semantic import _small_dict
 from .embedder import AudioTextEmbedder
 
 __all__ = ["ClapEmbedder"]
@@ -176,7 +175,7 @@ class ClapEmbedder(AudioTextEmbedder):
             "min_window_seconds": self.min_window_seconds,
             "dtype": dtype_name(self.dtype),
             "model_config": hf_config_dict(self.model.config),
-            "feature_extractor": _small_dict(fe.to_dict()),
+            "feature_extractor": preprocessor_config_dict(fe.to_dict()),
             "tokenizer": {"class": type(self.tokenizer).__name__, "vocab_size": len(self.tokenizer)},
         }
 
