@@ -12,7 +12,7 @@ Features (:class:`SemanticFeatures`):
   average-pooled to ``rate`` Hz. No weights needed.
 * ``type="mulan"``: one encoder block of OUR trained MuLaN's audio tower
   (:class:`musiclm.mulan.model.SpectrogramTransformer`, a ViT over (mel x frame) patches), from a
-  :func:`~musiclm.mulan.ours.save_mulan` directory or a ``musiclm export`` ``X.safetensors``
+  :func:`~musiclm.mulan.checkpoint.save_mulan` directory or a ``musiclm export`` ``X.safetensors``
   (``model=``), ``layer=k`` (1-based; blocks after it, the final norm, the projection and the
   text tower are dropped at load time). Input rate = the MuLaN's ``audio.sample_rate``. The
   output tokens of one time column (``n_mels / patch[0]`` frequency patches) are concatenated
@@ -551,7 +551,7 @@ def _load_mulan_tower(path: str, layer: int, device: torch.device) -> dict:
     import math
 
     from .mulan.model import SpectrogramTransformer
-    from .mulan.ours import load_mulan
+    from .mulan.checkpoint import load_mulan
 
     model = load_mulan(path)
     acfg = dict(model.config["audio"])

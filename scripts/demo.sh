@@ -42,7 +42,7 @@ python ray_jobs/pack_audio.py --manifest "$DATA/manifest.jsonl" --config "$TOK" 
 step "3. MuLaN: contrastive audio/text training on the audio shards (deepspeed, ${MINUTES} min budget)"
 train mulan launch/configs/mulan.yaml 1 runs/demo/mulan
 musiclm export runs/demo/mulan --out runs/demo/mulan/export/mulan.safetensors
-python -c "from musiclm.mulan.ours import load_mulan, save_mulan; \
+python -c "from musiclm.mulan.checkpoint import load_mulan, save_mulan; \
 save_mulan(load_mulan('runs/demo/mulan/export/mulan.safetensors'), '$MODELS/mulan')"  # self-contained dir
 musiclm eval retrieval --embedder "$MODELS/mulan" --data shards/rapbeats/audio --split eval \
   --out runs/demo/mulan/eval --quantizer fit --probe-splits train,eval | tail -n 40

@@ -204,7 +204,8 @@ def test_default_text_tower_ships_offline():
 @pytest.mark.parametrize("text_kind", ["scratch", "pretrained"])
 def test_checkpoint_loads_back_to_identical_embeddings(corpus, tmp_path, text_kind):
     from musiclm.mulan.embedder import AudioTextEmbedder
-    from musiclm.mulan.ours import MuLaNEmbedder, load_mulan, save_mulan
+    from musiclm.mulan.checkpoint import load_mulan, save_mulan
+    from musiclm.mulan.mulan_embedder import MuLaNEmbedder
 
     torch.manual_seed(1)
     text = ({"tokenizer_file": corpus["tokenizer"]} if text_kind == "scratch" else
@@ -272,7 +273,8 @@ def test_train_spec_registered():
 
 def test_retrieval_eval_and_tempo_probe(corpus, tmp_path):
     from musiclm.eval.retrieval import evaluate_retrieval, retrieval_metrics
-    from musiclm.mulan.ours import MuLaNEmbedder, save_mulan
+    from musiclm.mulan.checkpoint import save_mulan
+    from musiclm.mulan.mulan_embedder import MuLaNEmbedder
 
     # perfect embeddings: R@1 = 1, median rank 1
     e = np.eye(6, 8, dtype=np.float32)
@@ -328,7 +330,7 @@ def test_deepspeed_two_ranks_train_export_and_load(corpus, tmp_path):
     import yaml
     from train_utils import DS_CONFIGS, launch, metrics, read_log
 
-    from musiclm.mulan.ours import MuLaNEmbedder
+    from musiclm.mulan.mulan_embedder import MuLaNEmbedder
     from musiclm.train.export import export
 
     cfg = {"name": "mulan-test", "stage": "mulan", "seed": 0,
@@ -390,7 +392,8 @@ def test_ast_audio_tower_roundtrip(corpus, tmp_path):
     feature extractor, saved into and loaded back from the MuLaN directory."""
     from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 
-    from musiclm.mulan.ours import MuLaNEmbedder, save_mulan
+    from musiclm.mulan.checkpoint import save_mulan
+    from musiclm.mulan.mulan_embedder import MuLaNEmbedder
 
     ast_dir = str(tmp_path / "tiny-ast")
     ASTModel(ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

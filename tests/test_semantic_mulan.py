@@ -26,7 +26,7 @@ CAPTIONS = [
 
 def _tiny_mulan(root, seed: int = 0, tweak=None) -> str:
     from musiclm.mulan.model import MuLaN, train_caption_tokenizer
-    from musiclm.mulan.ours import save_mulan
+    from musiclm.mulan.checkpoint import save_mulan
 
     tok = os.path.join(root, "tokenizer.json")
     if not os.path.exists(tok):
@@ -113,7 +113,7 @@ def test_ast_mulan_is_refused(tmp_path):
     from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 
     from musiclm.mulan.model import MuLaN, train_caption_tokenizer
-    from musiclm.mulan.ours import save_mulan
+    from musiclm.mulan.checkpoint import save_mulan
 
     ast_dir = str(tmp_path / "tiny-ast")
     ASTModel(ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,

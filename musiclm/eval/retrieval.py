@@ -59,7 +59,7 @@ def load_embedder(spec: Any, device: str = "cpu"):
     if isinstance(spec, dict):
         d = dict(spec)
         if d.get("type") == "mulan":
-            from musiclm.mulan.ours import MuLaNEmbedder
+            from musiclm.mulan.mulan_embedder import MuLaNEmbedder
 
             return MuLaNEmbedder(d["model"], device=d.get("device", device))
         from musiclm.mulan import build_embedder
@@ -67,7 +67,7 @@ def load_embedder(spec: Any, device: str = "cpu"):
         return build_embedder(d, device=device)
     spec = os.fspath(spec)
     if spec.endswith(".safetensors") and os.path.isfile(spec):  # `musiclm export` output
-        from musiclm.mulan.ours import MuLaNEmbedder
+        from musiclm.mulan.mulan_embedder import MuLaNEmbedder
 
         return MuLaNEmbedder(spec, device=device)
     kind, _, rest = spec.partition(":")
@@ -83,7 +83,7 @@ def load_embedder(spec: Any, device: str = "cpu"):
             kind = "mulan" if meta.get("format") == "musiclm-mulan" or "mulan" in str(
                 meta.get("kind", "")) else "clap"
     if kind == "mulan":
-        from musiclm.mulan.ours import MuLaNEmbedder
+        from musiclm.mulan.mulan_embedder import MuLaNEmbedder
 
         return MuLaNEmbedder(target, device=device)
     from musiclm.mulan.clap import ClapEmbedder

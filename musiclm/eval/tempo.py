@@ -268,7 +268,7 @@ def evaluate_tempo(shards: str, *, model: str | None = None, kmeans: str | None 
         import torch
 
         from musiclm.lm.stages import get_stage
-        from musiclm.mulan.ours import MuLaNEmbedder
+        from musiclm.mulan.mulan_embedder import MuLaNEmbedder
         from musiclm.quantize import MuLaNEmbedQuantizer
         from musiclm.train.export import load_exported
         from musiclm.train.lm_stages import load_stage_model

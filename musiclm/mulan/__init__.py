@@ -1,8 +1,9 @@
 """MuLaN: the joint audio-text embedding and its conditioning-token quantizer.
 
 * :class:`AudioTextEmbedder` -- the interface (``embed_audio``, ``embed_text``, ``dim``,
-  ``sample_rate``, ``fingerprint``); :class:`ClapEmbedder` (transformers ``ClapModel``) is the first
-  implementation, our own MuLaN model comes later behind the same interface.
+  ``sample_rate``, ``fingerprint``); :class:`ClapEmbedder` (transformers ``ClapModel``) and
+  :class:`~musiclm.mulan.mulan_embedder.MuLaNEmbedder` (our trained MuLaN, :mod:`musiclm.mulan.model`,
+  saved and loaded by :mod:`musiclm.mulan.checkpoint`) implement it.
 * :class:`MuLaNEmbedQuantizer` (defined in :mod:`musiclm.quantize`) -- residual VQ stacks per
   namespace turning embeddings into the ``cond.npy`` tokens.
 * ``build_embedder(cfg)`` -- an embedder from a config section such as
@@ -58,7 +59,7 @@ def _clap(cfg: dict, device: str) -> AudioTextEmbedder:
 
 @register_embedder("mulan")
 def _mulan(cfg: dict, device: str) -> AudioTextEmbedder:
-    from .ours import MuLaNEmbedder
+    from .mulan_embedder import MuLaNEmbedder
 
     if "model" not in cfg:
         raise ValueError("a MuLaN embedder config needs model: <directory>")

@@ -25,7 +25,7 @@ pretrained BERT and trains both with a contrastive loss on (music, text) pairs. 
   (``logit_scale = log(1/T)``, clamped to T >= 0.01). The loss is in :mod:`musiclm.mulan.loss`.
 
 Everything that turns raw inputs into model inputs lives in two small picklable objects built from
-the same config, so DataLoader workers and :class:`musiclm.mulan.ours.MuLaNEmbedder` compute the
+the same config, so DataLoader workers and :class:`musiclm.mulan.mulan_embedder.MuLaNEmbedder` compute the
 exact same thing: :class:`AudioFrontend` (waveform at ``audio.sample_rate`` -> features) and
 :class:`CaptionTokenizer` (caption -> ids). ``MuLaN.forward`` is the only entry point the training
 stage calls, so the model works wrapped in a DeepSpeed engine (ZeRO-3 included).

@@ -1,7 +1,7 @@
 """The ``mulan`` training stage: MuLaN contrastive training on audio shards.
 
 ``deepspeed launch/train.py --stage mulan --config launch/configs/mulan.yaml ...`` trains
-:class:`musiclm.mulan.model.MuLaN` (the same module :class:`musiclm.mulan.ours.MuLaNEmbedder`
+:class:`musiclm.mulan.model.MuLaN` (the same module :class:`musiclm.mulan.mulan_embedder.MuLaNEmbedder`
 loads) on the audio shards of ``ray_jobs/pack_audio.py``. Config keys read here (the rest belong to
 the engine)::
 
@@ -377,7 +377,7 @@ def flops_per_token(model: Any, cfg: dict) -> float:
 
 
 def model_config(cfg: dict) -> dict:
-    """Written beside exported weights: :func:`musiclm.mulan.ours.load_mulan` reads it."""
+    """Written beside exported weights: :func:`musiclm.mulan.checkpoint.load_mulan` reads it."""
     return {"format": "musiclm-mulan", "version": 1, "kind": "musiclm.mulan",
             "model": _model_cfg(cfg)}
 
