@@ -98,7 +98,7 @@ def make_fingerprint(
     sample_rate: int | None,
     **fields: Any,
 ) -> dict:
-    """Build a JSON-safe fingerprint dict with the common keys of the contract plus ``fields``."""
+    """Build a JSON-safe fingerprint dict with the common keys every fingerprint has plus ``fields``."""
     out = {
         "kind": kind,
         "name": name,

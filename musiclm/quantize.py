@@ -319,9 +319,6 @@ class MuLaNEmbedQuantizer(nn.Module):
         c = _to_tensor(codes).long()
         return torch.stack([self.rvq[ns].decode(c[..., i, :]) for i, ns in enumerate(self.namespaces)], -2)
 
-    def decode_namespace(self, codes: torch.Tensor | np.ndarray, namespace: str) -> torch.Tensor:
-        return self.rvq[namespace].decode(codes)
-
     def reconstruction_cosine(self, x: torch.Tensor | np.ndarray, levels: int | None = None) -> dict[str, float]:
         """Mean cosine(x, reconstruction) per namespace, plus ``"mean"``."""
         out = {ns: self.rvq[ns].reconstruction_cosine(x, levels) for ns in self.namespaces}

@@ -14,7 +14,7 @@ directory when loading a saved bundle). Everything loads lazily. Parts that are 
 k-means file, no quantizer directory) are ``None`` in the bundle; the fitting jobs use
 ``bundle.semantic_features`` / ``bundle.embedder`` / ``bundle.new_quantizer()`` to make them.
 
-``bundle.tokenize(wav_24k)`` returns, per clip, exactly the token-shard entries of DESIGN.md:
+``bundle.tokenize(wav_24k)`` returns, per clip, exactly the token-shard entries of ``shards/README.md``:
 ``acoustic.npy`` int16 ``[Q, T_a]``, ``semantic.npy`` int16 ``[T_s]``, ``mulan.npy`` float16 ``[D]``,
 ``cond.npy`` int16 ``[namespaces, K]``; ``bundle.fingerprints()`` is the ``index.json``
 ``fingerprints`` structure.

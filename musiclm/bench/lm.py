@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from musiclm.lm import PRESETS, Transformer, TransformerConfig, get_stage
 
-# The contract's default `tokens:` section (EnCodec 75 Hz, 8 levels; 8 MuLaN tokens per namespace).
+# The default `tokens:` section of the token shards (shards/README.md) (EnCodec 75 Hz, 8 levels; 8 MuLaN tokens per namespace).
 DEFAULT_TOKENS = dict(acoustic_levels=8, acoustic_codebook=1024, acoustic_rate=75, coarse_levels=4,
                       semantic_vocab=1024, semantic_rate=25, cond_levels=8, cond_codebook=1024)
 

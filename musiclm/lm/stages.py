@@ -12,7 +12,7 @@ Vocabulary (one per stage, compact: only the ranges the stage uses, in this orde
                   acoustic_offset(q) + c); coarse: levels 0..coarse_levels-1, fine: all Q levels
     (padding)     unused ids up to a multiple of 64 (never a target, masked when sampling)
 
-Levels are 0-based in code (level 0 = DESIGN.md's "level 1").
+Levels are 0-based in code (level 0 = the paper's "level 1", the coarsest RVQ level).
 
 Sequences (acoustic codes flattened frame-major: t0q0 t0q1 ... t1q0 ...)::
 

@@ -7,8 +7,8 @@ reranking compares the two.
 Long audio: the model sees windows of ``window_seconds`` (10 s for MuLaN and CLAP).
 ``embed_audio`` cuts ``[B, T]`` into consecutive windows, embeds each (a last partial window
 shorter than ``min_window_seconds`` is dropped unless it is the only one), averages the window
-embeddings weighted by their duration and L2-normalises the mean -- DESIGN's "mean over
-MuLaN-sized windows when the segment is longer".
+embeddings weighted by their duration and L2-normalises the mean: the ``mulan.npy`` entry of a
+token shard sample (``shards/README.md``).
 """
 
 from __future__ import annotations
@@ -102,6 +102,3 @@ class AudioTextEmbedder(abc.ABC):
             total += emb * (e - s)
             weight += e - s
         return torch.nn.functional.normalize(total / weight, dim=-1)
-
-    def embed_text_np(self, texts: Sequence[str]) -> np.ndarray:
-        return self.embed_text(texts).numpy()

@@ -593,7 +593,3 @@ class MuLaN(nn.Module):
                                       dim=-1)
         out["logit_scale"] = self.logit_scale.clamp(max=self.MAX_LOGIT_SCALE).reshape(())
         return out
-
-
-def build_mulan(cfg: dict | None = None, **kwargs) -> MuLaN:
-    return MuLaN(cfg, **kwargs)
