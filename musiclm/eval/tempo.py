@@ -5,7 +5,7 @@ Everything is measured on **semantic tokens only** (frame rate known, no audio d
 * :func:`novelty_curve`: how much the sound changes from one frame to the next -- the distance
   between the k-means centroids of consecutive tokens (``--kmeans``), or 1 where the token changes
   (no centroids); a local mean (0.4 s) is subtracted and the result half-wave rectified, as the
-  spectral-flux onset envelope of :func:`musiclm.data.demo_corpus.estimate_tempo`.
+  spectral-flux onset envelope of :func:`musiclm.data.music_analysis.estimate_tempo`.
 * :func:`tempo_from_novelty`: its unbiased, normalised autocorrelation; every candidate tempo
   ``b`` in ``[min_bpm, max_bpm]`` (60-180 default, 0.1 BPM grid) is scored by the autocorrelation
   at lags of 1-4 beats (in seconds -> fractional frames, linearly interpolated: the comb of
