@@ -21,10 +21,12 @@ import copy
 import dataclasses
 import difflib
 import os
+import types
+import typing
 from typing import Any, TypeVar
 
 __all__ = ["ConfigError", "deep_merge", "apply_overrides", "load_config", "load_yaml", "section",
-           "add_set_argument", "dump_config"]
+           "check_keys", "require", "add_set_argument", "dump_config"]
 
 T = TypeVar("T")
 
@@ -118,18 +120,90 @@ def _closest(key: str, valid: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def check_keys(data: dict, valid: list[str] | tuple[str, ...], *, where: str) -> None:
+    """ConfigError for the first key of ``data`` not in ``valid``, naming the closest valid one."""
+    for key in data:
+        if key not in valid:
+            raise ConfigError(f"{where}: unknown key {key!r}{_closest(str(key), list(valid))}; "
+                              f"valid keys: {', '.join(valid)}")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the field type ``hint`` (int, float, bool, str, list, dict, ``X | None``);
+    YAML already typed most values: this accepts 100 for a float and 1e3 for an int when whole,
+    and refuses "ten" for an int with the key named."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{where}: {value!r} is not allowed")
+    if hint is Any:
+        return value
+    kind = origin or hint
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if kind is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if kind in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
 def section(cls: type[T], data: dict | None, *, where: str) -> T:
-    """Build dataclass ``cls`` from a config mapping; unknown keys are a ConfigError naming ``where``
-    (e.g. ``"launch/configs/coarse.yaml: train"``), the key and the closest valid one."""
+    """Build dataclass ``cls`` from a config mapping: unknown keys are a ConfigError naming ``where``
+    (e.g. ``"launch/configs/coarse.yaml: train"``), the key and the closest valid one; values are
+    checked against the field types (``train.warmup_steps: expected an integer, got 'ten'``), then
+    the class's ``check()`` (if any) checks ranges and raises ConfigError itself."""
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
     names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"{where}: unknown key {key!r}{_closest(str(key), names)}; "
-                              f"valid keys: {', '.join(names)}")
-    return cls(**data)
+    check_keys(data, names, where=where)
+    hints = typing.get_type_hints(cls)
+    values = {k: _coerce(v, hints.get(k, Any), f"{where}.{k}") for k, v in data.items()}
+    obj = cls(**values)
+    check = getattr(obj, "check", None)
+    if callable(check):
+        check(where)
+    return obj
+
+
+def require(ok: bool, where: str, message: str) -> None:
+    """Raise ConfigError(f"{where}: {message}") unless ``ok`` (range checks in ``check()``)."""
+    if not ok:
+        raise ConfigError(f"{where}: {message}")
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:

@@ -90,7 +90,7 @@ def test_contrastive_loss_falls_on_tiny_corpus(corpus):
     batch = st.collate(exs[:16])
     first = last = None
     for _ in range(12):
-        loss, metrics = st.loss(model, batch)
+        loss, metrics = st.loss(model, batch, cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()

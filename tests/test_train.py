@@ -384,6 +384,7 @@ def test_checkpoint_completeness_and_atomic_latest(tmp_path):
         if complete:
             (d / ckpt.STATE_FILE).write_text(json.dumps({"complete": True, "step": step, "world_size": 2,
                                                           "engines": ["model"]}))
+            ckpt.write_manifest(str(d))
     (root / ".partial-step_00000040" / "model").mkdir(parents=True)
     assert ckpt.newest_checkpoint(str(root)) == "step_00000020"
     plan = ckpt.plan_resume(str(root), "auto", world_size=1)
@@ -398,7 +399,8 @@ def test_checkpoint_completeness_and_atomic_latest(tmp_path):
 
 
 def test_config_overrides_and_schedule():
-    from musiclm.train.engine import WarmupCosine, apply_overrides, load_config, load_ds_config
+    from musiclm.config import apply_overrides, load_config
+    from musiclm.train.engine import WarmupCosine, load_ds_config
 
     cfg = load_config(os.path.join(os.path.dirname(TINY_CONFIG), "coarse.yaml"),
                       ["train.max_steps=7", "deepspeed.zero_optimization.stage=3"])
@@ -415,3 +417,104 @@ def test_config_overrides_and_schedule():
     f = WarmupCosine(10, 110, 0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(110) == pytest.approx(0.1)
     assert f(60) == pytest.approx(0.55)
+
+
+# ----------------------------------------------------------------------------- two engines (toy GAN)
+
+TOY_SPEC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_gan_spec.py")
+
+
+def _toy_config(work, shards) -> str:
+    import yaml
+
+    cfg = {"name": "toy", "stage": "toy_gan", "seed": 0, "imports": [TOY_SPEC],
+           "data": {"shards": shards, "shuffle": 32, "prefetch": 2},
+           "toy": {"dim": 8, "d_lr_scale": 2.0},
+           "train": {"max_steps": 12, "warmup_steps": 2, "log_every": 1, "eval_every": 6, "eval_batches": 1,
+                     "checkpoint_every": 6},
+           "deepspeed": {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
+                         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.5, 0.9]}},
+                         "zero_optimization": {"stage": 2}}}
+    path = str(work / "toy.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+@slow
+def test_two_engine_spec_trains_checkpoints_and_resumes(work, shards):
+    """A generator and a discriminator (tests/toy_gan_spec.py, loaded through ``imports:``) as two
+    DeepSpeed engines in the one loop, 2 processes: each engine gets its own schedule and grad-norm
+    logging, both are checkpointed, and a run stopped at step 6 and resumed reproduces the
+    uninterrupted losses of both engines."""
+    config = _toy_config(work, shards)
+    ds = os.path.join(DS_CONFIGS, "cpu.json")
+    full, part = str(work / "toy_full"), str(work / "toy_part")
+
+    def args(run_dir, extra=()):
+        return ["launch/train.py", "--config", config, "--deepspeed_config", ds, "--run_dir", run_dir, *extra]
+
+    assert launch(2, args(full), full + ".log") == 0, read_log(full + ".log")[-4000:]
+    assert launch(2, args(part, ["--stop_after", "6"]), part + ".log") == 0, read_log(part + ".log")[-4000:]
+    assert max(train_losses(part)) == 6
+    assert launch(2, args(part), part + ".resume.log") == 0, read_log(part + ".resume.log")[-4000:]
+    assert "resumed from" in read_log(part + ".resume.log")
+
+    recs_full = {r["step"]: r for r in metrics(full) if "train/loss" in r}
+    recs_part = {r["step"]: r for r in metrics(part) if "train/loss" in r}
+    assert sorted(recs_full) == list(range(1, 13)) and sorted(recs_part) == list(range(1, 13))
+    for step in range(1, 13):
+        for key in ("train/loss", "train/d_loss", "train/grad_norm", "train/grad_norm/disc", "train/lr/disc"):
+            assert recs_part[step][key] == pytest.approx(recs_full[step][key], rel=1e-5, abs=1e-7), (step, key)
+    # the discriminator's schedule is its own (its lr is 2x the generator's, same warmup + cosine)
+    for step in (1, 2, 7):
+        assert recs_full[step]["train/lr/disc"] == pytest.approx(2 * recs_full[step]["train/lr"], rel=1e-6)
+    assert recs_full[3]["train/lr"] > recs_full[12]["train/lr"]
+    # both engines are in every checkpoint; eval went through the spec's eval_step
+    tag = os.path.join(part, "checkpoints", "step_00000012")
+    assert os.path.isdir(os.path.join(tag, "model")) and os.path.isdir(os.path.join(tag, "disc"))
+    ev = [r for r in metrics(full) if "eval/loss" in r]
+    assert [r["step"] for r in ev] == [6, 12] and all("eval/fake_std" in r for r in ev)
+    assert "train/d_accuracy" in recs_full[12]
+
+
+def test_config_typos_and_bad_values_are_refused(tmp_path):
+    """Unknown keys and bad values stop a run before any work, naming the file, the key and the
+    closest valid name."""
+    import yaml
+
+    from musiclm.config import ConfigError
+    from musiclm.train.engine import Trainer
+
+    base = yaml.safe_load(open(TINY_CONFIG))
+    base["stage"] = "semantic"
+
+    def refused(cfg, ds=None) -> str:
+        with pytest.raises(ConfigError) as e:
+            Trainer("semantic", cfg, ds or os.path.join(DS_CONFIGS, "cpu.json"), run_dir=str(tmp_path / "r"),
+                    config_path="tiny.yaml")
+        return str(e.value)
+
+    msg = refused({**base, "trian": {"max_steps": 3}})
+    assert "tiny.yaml" in msg and "'trian'" in msg and "did you mean 'train'" in msg
+    msg = refused({**base, "train": {**base["train"], "chekpoint_every": 5}})
+    assert "tiny.yaml: train" in msg and "did you mean 'checkpoint_every'" in msg
+    msg = refused({**base, "train": {**base["train"], "warmup_steps": "ten"}})
+    assert "train.warmup_steps" in msg and "expected an integer" in msg and "'ten'" in msg
+    msg = refused({**base, "train": {**base["train"], "max_steps": 0}})
+    assert "train.max_steps" in msg and ">= 1" in msg
+    msg = refused({**base, "deepspeed": {"optimizer": {"type": "AdamW", "params": {"lr": -3e-3}}}})
+    assert "optimizer.params.lr must be > 0" in msg
+    msg = refused({**base, "deepspeed": {"train_micro_batch_size_per_gpu": 0}})
+    assert "train_micro_batch_size_per_gpu" in msg
+    msg = refused({**base, "data": {**base["data"], "shufle": 10}})
+    assert "did you mean 'shuffle'" in msg
+
+
+@slow
+def test_config_typo_on_the_command_line_stops_the_launcher(tmp_path, shards):
+    run_dir = str(tmp_path / "typo")
+    rc = launch(1, train_args("semantic", run_dir, shards, "cpu", ["--set", "train.max_stpes=3"]), run_dir + ".log")
+    text = read_log(run_dir + ".log")
+    assert rc != 0 and "unknown key 'max_stpes'" in text and "did you mean 'max_steps'" in text, text[-3000:]
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints"))

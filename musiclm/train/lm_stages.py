@@ -46,26 +46,18 @@ def model_config_for(name: str, cfg: dict):
 
 
 def _make_spec(name: str) -> TrainSpec:
-    state: dict = {}
-
     def configure(cfg):
-        state["stage"] = stage_for(name, cfg)
-
-    def current() -> Stage:
-        if "stage" not in state:
-            raise RuntimeError(f"TrainSpec {name!r}: configure(cfg) or build_model(cfg) must run before loss()")
-        return state["stage"]
+        stage_for(name, cfg)  # builds (and checks) the layout before any work
 
     def build_model(cfg):
-        configure(cfg)
         return Transformer(model_config_for(name, cfg))
 
     def build_example(sample, rng, cfg):
         return stage_for(name, cfg).example(sample, rng, float(cfg.get("cond_dropout", 0.0) or 0.0))
 
-    def loss(model, batch):
+    def loss(model, batch, cfg):
         logits = model(batch["tokens"])
-        return current().loss(logits, batch)
+        return stage_for(name, cfg).loss(logits, batch)
 
     def expected_fingerprints(cfg):
         # the whole tokens: section (every stream the shards carry), not only this stage's streams:
@@ -97,6 +89,7 @@ def _make_spec(name: str) -> TrainSpec:
     return TrainSpec(
         name=name, data_kind="tokens", build_model=build_model, build_example=build_example,
         collate=Stage.collate, loss=loss, configure=configure, expected_fingerprints=expected_fingerprints,
+        config_keys=("tokens", "model", "cond_dropout", "window_seconds"),
         count_tokens=count_tokens, flops_per_token=flops_per_token, model_config=model_config,
         description=f"MusicLM {name} stage LM (musiclm.lm.stages)",
     )

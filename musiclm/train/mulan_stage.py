@@ -89,11 +89,9 @@ def _skip_log_path(cfg: dict) -> str | None:
     path = _stage_cfg(cfg).get("skip_log")
     if path:
         return str(path)
-    run = cfg.get("run") if isinstance(cfg.get("run"), dict) else {}
-    for k in ("run_dir", "output_dir", "out_dir"):
-        d = cfg.get(k) or run.get(k)
-        if isinstance(d, str) and d and not d.startswith("s3://"):
-            return os.path.join(d, "skipped_samples.jsonl")
+    d = cfg.get("run_dir")  # the engine puts the run folder in the config
+    if isinstance(d, str) and d and not d.startswith("s3://"):
+        return os.path.join(d, "skipped_samples.jsonl")
     return None
 
 
@@ -239,10 +237,7 @@ def _train_captions(cfg: dict) -> list[str]:
     """Captions of the train split of the configured audio shards (for a scratch tokenizer)."""
     from musiclm.data.shards import shard_reader
 
-    dirs = None
-    data = cfg.get("data") or {}
-    for k in ("train", "shards", "audio_shards", "dirs", "dir"):
-        dirs = dirs or (data.get(k) if isinstance(data, dict) else None) or cfg.get(k)
+    dirs = (cfg.get("data") or {}).get("shards")
     if not dirs:
         raise ValueError("a scratch text tower without text.tokenizer_file needs the shard "
                          "directory (data.shards) to train the tokenizer on")
@@ -274,7 +269,6 @@ def configure(cfg: dict) -> None:
 def build_model(cfg: dict) -> MuLaN:
     configure(cfg)
     model = MuLaN(_model_cfg(cfg))
-    model.stage_options = _stage_cfg(cfg)  # read by loss(): the engine passes only the batch
     log.info("mulan: %.2fM parameters (%.2fM trainable)", model.num_params() / 1e6,
              model.num_params(True) / 1e6)
     return model
@@ -286,13 +280,10 @@ def _recall_at(sim: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     return (top == labels[:, None]).any(dim=1).float().mean()
 
 
-def loss(model: Any, batch: dict) -> tuple[torch.Tensor, dict]:
+def loss(model: Any, batch: dict, cfg: dict) -> tuple[torch.Tensor, dict]:
     out = model(audio=batch["audio"], audio_lengths=batch.get("audio_lengths"),
                 input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    gather = True
-    cfgd = getattr(getattr(model, "module", model), "stage_options", None)
-    if isinstance(cfgd, dict):
-        gather = bool(cfgd.get("gather", True))
+    gather = bool(_stage_cfg(cfg).get("gather", True))
     value, metrics = contrastive_loss(out["audio"], out["text"], out["logit_scale"], gather=gather)
     with torch.no_grad():
         from musiclm.mulan.loss import gather_with_grad
@@ -308,7 +299,7 @@ def loss(model: Any, batch: dict) -> tuple[torch.Tensor, dict]:
     return value, metrics
 
 
-def eval_outputs(model: Any, batch: dict) -> dict:
+def eval_outputs(model: Any, batch: dict, cfg: dict) -> dict:
     """Per-sample rows for the whole-split evaluation: both embeddings, BPM tag, clip number."""
     out = model(audio=batch["audio"], audio_lengths=batch.get("audio_lengths"),
                 input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
@@ -384,7 +375,7 @@ def model_config(cfg: dict) -> dict:
 
 SPEC = register_train_spec(TrainSpec(
     name="mulan", data_kind="audio", build_model=build_model, build_example=build_example,
-    collate=collate, loss=loss, configure=configure, count_tokens=count_tokens,
+    collate=collate, loss=loss, configure=configure, count_tokens=count_tokens, config_keys=("model", "mulan"),
     flops_per_token=flops_per_token, model_config=model_config,
     eval_outputs=eval_outputs, eval_summary=eval_summary,
     description="MuLaN audio/text contrastive model (musiclm.mulan)"), overwrite=True)

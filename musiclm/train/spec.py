@@ -11,7 +11,8 @@ TensorBoard, SIGTERM handling, export) lives in :mod:`musiclm.train.engine` and 
         build_model=lambda cfg: MyModel(...),                     # nn.Module, built on every rank
         build_example=lambda sample, rng, cfg: {...tensors...},   # one shard sample -> one example
         collate=lambda examples: {...batched tensors...},
-        loss=lambda model, batch: (loss, {"accuracy": acc}),     # model is the DeepSpeed engine
+        loss=lambda model, batch, cfg: (loss, {"accuracy": acc}),  # model is the DeepSpeed engine
+        config_keys=("mystage",),                                 # top-level config sections it reads
     ))
 
 Contract of the callables:
@@ -22,9 +23,11 @@ Contract of the callables:
   so the example is the same after a resume; return None to skip a sample. During evaluation the
   engine passes ``cfg`` with ``cond_dropout`` set to 0.
 - ``collate(list_of_examples) -> dict`` of tensors; the engine moves tensors to the device.
-- ``loss(model, batch) -> (loss, metrics)``: ``metrics`` maps names to scalar tensors/floats; the
-  same names every step (e.g. ``accuracy``, ``loss/level_1``). Logged as ``train/<name>`` and
-  ``eval/<name>``.
+- ``loss(model, batch, cfg) -> (loss, metrics)``: ``metrics`` maps names to scalar tensors/floats;
+  the same names every step (e.g. ``accuracy``, ``loss/level_1``). Logged as ``train/<name>`` and
+  ``eval/<name>``. ``cfg`` is the run config (with ``cond_dropout`` 0 during evaluation).
+- ``config_keys``: the top-level config sections the stage reads (``tokens``, ``model``, ...);
+  with the engine's own (:mod:`musiclm.train.run_config`), any other key is refused before the run.
 - ``custom_step(trainer, batch) -> (loss, metrics)`` (optional): replaces the default
   ``forward/backward/step``; it must run backward and ``step()`` on ``trainer.engine`` itself
   (and on any extra engine it created with ``trainer.make_engine``), e.g. generator +
@@ -33,13 +36,16 @@ Contract of the callables:
 Optional hooks (defaults are fine for most specs):
 
 - ``configure(cfg)``: called once before anything else (e.g. to build a stage layout).
+- ``eval_step(model, batch, cfg) -> (loss, metrics)``: the held-out evaluation every
+  ``train.eval_every`` steps (default: ``loss``); e.g. a GAN evaluates its reconstruction, not a
+  discriminator step.
 - ``expected_fingerprints(cfg) -> dict``: tokenizer fingerprint fields the shards must have,
   ``{"acoustic": {"frame_rate": 75, ...}, ...}``; checked against ``index.json`` before training.
 - ``count_tokens(batch) -> int``: tokens processed in a batch (tokens/s, MFU); default: numel of
   ``batch["tokens"]`` when present, else the batch size.
 - ``flops_per_token(model, cfg) -> float``: training FLOPs per token for MFU; default 6·N.
 - ``model_config(cfg) -> dict``: JSON config written next to exported weights.
-- ``eval_outputs(model, batch) -> dict`` and ``eval_summary(outputs, cfg) -> dict``: metrics that
+- ``eval_outputs(model, batch, cfg) -> dict`` and ``eval_summary(outputs, cfg) -> dict``: metrics that
   need the whole eval split at once (retrieval over every clip, a probe). Every
   ``train.split_eval_every`` steps (default: ``eval_every``) the engine runs ``eval_outputs`` on
   every batch of the eval split (at most ``train.split_eval_samples`` samples, default 1000), split
@@ -63,15 +69,17 @@ class TrainSpec:
     build_model: Callable[[dict], Any]
     build_example: Callable[[dict, Any, dict], Optional[dict]]
     collate: Callable[[list], dict]
-    loss: Callable[[Any, dict], tuple]
+    loss: Callable[[Any, dict, dict], tuple]
     custom_step: Optional[Callable[[Any, dict], tuple]] = None
+    config_keys: tuple[str, ...] = ()
     # optional hooks
     configure: Optional[Callable[[dict], None]] = None
+    eval_step: Optional[Callable[[Any, dict, dict], tuple]] = None
     expected_fingerprints: Optional[Callable[[dict], dict]] = None
     count_tokens: Optional[Callable[[dict], int]] = None
     flops_per_token: Optional[Callable[[Any, dict], float]] = None
     model_config: Optional[Callable[[dict], dict]] = None
-    eval_outputs: Optional[Callable[[Any, dict], dict]] = None
+    eval_outputs: Optional[Callable[[Any, dict, dict], dict]] = None
     eval_summary: Optional[Callable[[dict, dict], dict]] = None
     description: str = ""
 
@@ -96,23 +104,17 @@ def register_train_spec(spec: TrainSpec, *, overwrite: bool = False) -> TrainSpe
 
 
 def _load_builtin_specs() -> None:
-    """Import the modules that register specs: ``musiclm/train/*_stage(s).py`` and ``*_spec.py``
-    (e.g. lm_stages, mulan_stage, codec_stage), and ``musiclm.<part>.train_spec`` where present,
-    so ``--stage NAME`` works without the caller importing anything."""
+    """Import the modules that register specs, ``musiclm/train/*_stage(s).py`` and ``*_spec.py``
+    (lm_stages, mulan_stage), so ``--stage NAME`` works without the caller importing anything.
+    Specs of your own: a run config's ``imports:`` (modules or .py files) registers them."""
     import importlib
     import pkgutil
 
     import musiclm.train as pkg
 
-    names = [f"musiclm.train.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)
-             if m.name.endswith(("_stage", "_stages", "_spec"))]
-    names += ["musiclm.mulan.train_spec", "musiclm.codec.train_spec"]
-    for mod in names:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # only a missing optional module is fine
-            if e.name != mod and not mod.startswith(f"{e.name}."):
-                raise
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if m.name.endswith(("_stage", "_stages", "_spec")):
+            importlib.import_module(f"musiclm.train.{m.name}")
 
 
 def get_train_spec(name: str) -> TrainSpec:
