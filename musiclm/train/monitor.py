@@ -163,9 +163,15 @@ def plot_losses(metrics_path: str, out_png: str) -> str | None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, out_png)
+    except BaseException:  # e.g. disk full: leave no half-written temp file
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
     return out_png
 
 
