@@ -1,6 +1,13 @@
 """Start and stop a private Ray head for tests: 127.0.0.1 only, token auth, own ports,
 own --temp-dir and own token file.
 
+127.0.0.1 only: on Linux `ray start --node-ip-address 127.0.0.1` alone still registers the node
+under the machine's outward address and binds GCS and raylet to all interfaces (Ray turns a
+loopback node address into a "remotely reachable" one). `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`
+(Ray's single-machine mode) keeps the node at 127.0.0.1, and with it every gRPC server, the
+agents and the metrics endpoint; the dashboard is bound with --dashboard-host 127.0.0.1.
+`listening_sockets(pids)` lists what the head's processes listen on (tests assert loopback only).
+
 `ray stop` stops every Ray on the machine (other sessions' included), so the head is run as
 `ray start --head --block` in its own process group and stopped through that process only:
 SIGTERM to it makes Ray kill the processes it started; anything still alive afterwards whose
@@ -33,6 +40,10 @@ def ray_exe() -> str:
     return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
 
 
+# Ray's single-machine mode: a loopback --node-ip-address stays loopback (see the module docstring)
+LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
 def token_env(token_path: str | Path) -> dict:
     """Environment a client (driver, `ray job submit`) needs to talk to the head."""
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
@@ -59,6 +70,8 @@ class RayHead:
     proc: subprocess.Popen | None = None
     log_path: str = ""
     extra_env: dict = field(default_factory=dict)
+    agent_port: int = field(default_factory=free_port)  # dashboard agent (HTTP)
+    metrics_port: int = field(default_factory=free_port)  # Prometheus metrics export
 
     @property
     def gcs_address(self) -> str:
@@ -74,6 +87,7 @@ class RayHead:
         env = dict(os.environ)
         env.update(token_env(self.token_path))
         env["RAY_ADDRESS"] = self.dashboard_url if for_jobs_api else self.gcs_address
+        env.update(LOCAL_ONLY_ENV)
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
         env.update(self.extra_env)
@@ -85,6 +99,7 @@ class RayHead:
         env.update(token_env(self.token_path))
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # stop() tears down at once (no 30 s drain)
+        env.update(LOCAL_ONLY_ENV)  # node address stays 127.0.0.1: nothing listens on other interfaces
         env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # job entrypoints' `python`
         env.pop("RAY_ADDRESS", None)
         env.update(self.extra_env)
@@ -99,7 +114,8 @@ class RayHead:
             "--temp-dir", self.temp_dir,
             # ports that otherwise default to fixed numbers (10001, 52365) shared by every head
             "--ray-client-server-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(self.agent_port),
+            "--metrics-export-port", str(self.metrics_port),
             "--num-cpus", str(self.num_cpus),
             "--num-gpus", "0",
             "--include-dashboard", "true",
@@ -186,6 +202,46 @@ class RayHead:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def listening_sockets(pids) -> list[tuple[int, str, int]]:
+    """(pid, local address, port) of every listening TCP socket (IPv4 and IPv6) that one of
+    ``pids`` holds, read from /proc (no `ss` needed). IPv4-mapped IPv6 addresses are given as
+    IPv4 (``::ffff:127.0.0.1`` -> ``127.0.0.1``)."""
+    import ipaddress
+
+    inodes = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes[target[8:-1]] = pid
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] != "0A" or f[9] not in inodes:  # 0A = LISTEN
+                continue
+            hexaddr, hexport = f[1].split(":")
+            raw = bytes.fromhex(hexaddr)
+            if sys.byteorder == "little":  # /proc prints each 32-bit word in host byte order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(raw)
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+                ip = ip.ipv4_mapped
+            out.append((inodes[f[9]], str(ip), int(hexport, 16)))
+    return sorted(out)
 
 
 def start_head(num_cpus: int = 2, base_dir: str | None = None, extra_env: dict | None = None) -> RayHead:

@@ -296,3 +296,40 @@ def test_disk_full_before_save_every_rank_agrees(small_disk, shards):
     assert sorted(os.listdir(ck)) == ["latest", "step_00000002"]
     assert ckpt.verify_checkpoint(_ck(run_dir, 2)) is None
     assert _no_leftovers(run_dir) == []
+
+
+# -----------------------------------------------------------------------------------------------
+# B. the test Ray head listens on 127.0.0.1 only
+
+
+@slow
+def test_ray_head_listens_on_loopback_only():
+    import urllib.request
+
+    import ray_utils
+
+    head = ray_utils.start_head(num_cpus=1)
+    try:
+        expected = {head.gcs_port: "GCS", head.dashboard_port: "dashboard", head.agent_port: "dashboard agent",
+                    head.metrics_port: "metrics export"}
+        deadline = time.time() + 60
+        while True:  # the agents come up after the dashboard answers
+            pids = set(head.own_pids()) | {head.proc.pid}
+            socks = ray_utils.listening_sockets(pids)
+            if set(expected) <= {port for _pid, _ip, port in socks} or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        ports = {port for _pid, _ip, port in socks}
+        assert set(expected) <= ports, f"not listening: {[expected[p] for p in set(expected) - ports]}; {socks}"
+        assert len(socks) >= 6  # GCS, raylet x2, dashboard, agent, metrics, ...
+        exposed = [(pid, ip, port) for pid, ip, port in socks if ip != "127.0.0.1"]
+        assert not exposed, f"listening beyond 127.0.0.1: {exposed}"
+        # the node registered itself under 127.0.0.1 (state API, with the token)
+        token = open(head.token_path).read().strip()
+        req = urllib.request.Request(head.dashboard_url + "/api/v0/nodes",
+                                     headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            nodes = json.load(r)["data"]["result"]["result"]
+        assert [n["node_ip"] for n in nodes] == ["127.0.0.1"], nodes
+    finally:
+        ray_utils.cleanup(head)
