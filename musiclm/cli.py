@@ -55,17 +55,22 @@ def _manifest_from_csv(args: argparse.Namespace) -> int:
 
 
 def _manifest_check(args: argparse.Namespace) -> int:
-    from musiclm.data.manifest import check_manifest
-
-    from musiclm.data.manifest import ManifestError
+    from musiclm.data.manifest import ManifestError, check_manifest
 
     try:
         report = check_manifest(args.manifest, check_audio=not args.no_audio)
-    except ManifestError as err:
+    except ManifestError as err:  # one line, also for S3 (no credentials, no endpoint)
         print(f"manifest check failed: {err}", file=sys.stderr)
         return 1
     _print_json(report)
-    return 0 if report.get("ok", True) else 1
+    if report.get("ok", True):
+        return 0
+    first = (report.get("unreadable") or [None])[0]
+    print(f"manifest check failed: {args.manifest}: {report.get('missing_audio', 0)} missing and "
+          f"{report.get('unreadable_audio', 0)} unreadable audio files"
+          + (f" (first unreadable: {first['audio']}: {first['reason']})" if first else "")
+          + (f" (first missing: {report['missing'][0]})" if report.get("missing") else ""), file=sys.stderr)
+    return 1
 
 
 # --- shards ----------------------------------------------------------------------------------

@@ -333,3 +333,89 @@ def test_ray_head_listens_on_loopback_only():
         assert [n["node_ip"] for n in nodes] == ["127.0.0.1"], nodes
     finally:
         ray_utils.cleanup(head)
+
+
+# -----------------------------------------------------------------------------------------------
+# C. manifests: unreadable audio fails the check; S3 problems in one line, fast
+
+MUSICLM = os.path.join(os.path.dirname(sys.executable), "musiclm")
+
+
+def _wav(path, seconds=0.5, sr=16000):
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(str(path), np.zeros(int(seconds * sr), dtype="float32"), sr)
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (b"", "empty file (0 bytes)"),
+    (b"id,caption\nnot,audio\n", "unreadable or corrupt audio"),
+])
+def test_manifest_check_exits_1_on_unreadable_audio(tmp_path, capsys, bad, reason):
+    from musiclm.cli import main
+
+    _wav(tmp_path / "ok.wav")
+    (tmp_path / "bad.wav").write_bytes(bad)
+    m = tmp_path / "manifest.jsonl"
+    # a duration in the manifest does not spare the file from being opened
+    m.write_text(json.dumps({"id": "ok", "audio": "ok.wav", "caption": "fine"}) + "\n"
+                 + json.dumps({"id": "bad", "audio": "bad.wav", "caption": "renamed", "duration": 3.0}) + "\n")
+    assert main(["manifest", "check", str(m)]) == 1
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["ok"] is False and report["unreadable_audio"] == 1 and report["missing_audio"] == 0
+    assert report["unreadable"][0]["id"] == "bad" and reason in report["unreadable"][0]["reason"]
+    assert err.startswith(f"manifest check failed: {m}: 0 missing and 1 unreadable audio files (first unreadable: "
+                          f"{tmp_path / 'bad.wav'}: {reason}")
+    (tmp_path / "bad.wav").unlink()
+    _wav(tmp_path / "bad.wav")
+    assert main(["manifest", "check", str(m)]) == 0
+
+
+def _check_s3(url: str, env: dict) -> tuple[int, str, float]:
+    t = time.time()
+    p = subprocess.run([MUSICLM, "manifest", "check", url], capture_output=True, text=True, env=env, timeout=120)
+    return p.returncode, p.stderr, time.time() - t
+
+
+def _aws_env(**kw) -> dict:
+    """This process's environment without any AWS setting (no shared files, no instance metadata)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update({"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
+                "AWS_EC2_METADATA_DISABLED": "true"})
+    env.update(kw)
+    return env
+
+
+def test_s3_manifest_without_credentials_one_line(moto_s3):
+    from musiclm.data.manifest import Clip, write_manifest
+
+    url = f"{moto_s3}/corpus/manifest.jsonl"
+    write_manifest([Clip(id="a", audio=f"{moto_s3}/corpus/a.wav", caption="c", split="train")], url)
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    rc, err, secs = _check_s3(url, _aws_env(AWS_ENDPOINT_URL=endpoint))
+    assert rc == 1
+    assert err.strip() == (f"manifest check failed: {url}: no S3 credentials: set AWS_ACCESS_KEY_ID and "
+                           "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+    assert secs < 20, secs  # interpreter start included; no retries
+    # neither credentials nor endpoint: both named
+    rc, err, _ = _check_s3(url, _aws_env())
+    assert rc == 1 and len(err.strip().splitlines()) == 1
+    assert "no S3 credentials" in err and "AWS_ENDPOINT_URL for an S3-compatible store" in err
+    # with them, the same manifest reads (missing audio is the only complaint)
+    rc, err, _ = _check_s3(url, dict(os.environ))
+    assert rc == 1 and "1 missing and 0 unreadable" in err
+
+
+def test_s3_manifest_endpoint_unreachable_one_line_fast():
+    from train_utils import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    url = "s3://bucket/corpus/manifest.jsonl"
+    rc, err, secs = _check_s3(url, _aws_env(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="fake",
+                                            AWS_SECRET_ACCESS_KEY="fake", AWS_DEFAULT_REGION="us-east-1"))
+    assert rc == 1
+    assert err.strip() == (f"manifest check failed: {url}: cannot connect to the endpoint {endpoint}: check that "
+                           "the server is up and AWS_ENDPOINT_URL is right")
+    assert secs < 20, secs

@@ -204,7 +204,7 @@ def read_manifest(path_or_url: str, *, eval_fraction: float = 0.1) -> list[Clip]
     path = os.fspath(path_or_url)
     base_dir = storage.dirname(path)
     try:
-        raw = storage.read_bytes(path)
+        raw = _read_remote(path) if storage.is_remote(path) else storage.read_bytes(path)
     except FileNotFoundError:
         raise ManifestError(path, None, None, "file not found") from None
     try:
@@ -226,6 +226,58 @@ def read_manifest(path_or_url: str, *, eval_fraction: float = 0.1) -> list[Clip]
         seen[clip.id] = lineno
         clips.append(clip)
     return clips
+
+
+# botocore/s3fs settings for reading a manifest: fail in seconds, not after a minute of retries
+_S3_FAST_CONFIG = {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2, "mode": "standard"}}
+
+
+def _s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def _read_remote(url: str) -> bytes:
+    """Read an ``s3://`` (or other fsspec) manifest with short timeouts and few retries; an S3
+    failure becomes a one-line :class:`ManifestError` naming the URL and what is missing."""
+    import fsspec
+
+    opts = dict(storage.storage_options(url)) if hasattr(storage, "storage_options") else {}
+    scheme = url.split("://", 1)[0]
+    if scheme in ("s3", "s3a"):
+        scheme = "s3"
+        if _s3_endpoint() and "endpoint_url" not in opts:
+            opts["endpoint_url"] = _s3_endpoint()
+        opts["config_kwargs"] = {**_S3_FAST_CONFIG, **(opts.get("config_kwargs") or {})}
+    fs = fsspec.filesystem(scheme, skip_instance_cache=True, **opts)
+    if scheme == "s3":
+        fs.retries = 1  # s3fs's own retry loop, on top of botocore's
+    try:
+        return fs.cat_file(fs._strip_protocol(url))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every S3 failure gets one line, the original is chained
+        if scheme != "s3":
+            raise
+        raise ManifestError(url, None, None, _s3_problem(e, opts.get("endpoint_url"))) from e
+
+
+def _s3_problem(e: BaseException, endpoint: str | None) -> str:
+    """What is wrong with the S3 setup, in words (botocore exception names, not imports: the
+    classes differ between botocore and aiobotocore)."""
+    names = {c.__name__ for c in type(e).__mro__}
+    where = f"the endpoint {endpoint}" if endpoint else "AWS S3 (AWS_ENDPOINT_URL is not set)"
+    if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+        return ("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+                + ("" if endpoint else ", and AWS_ENDPOINT_URL for an S3-compatible store (MinIO, Ceph, ...)"))
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError",
+                "ClientConnectorError", "ServerDisconnectedError", "ConnectionError", "TimeoutError"}:
+        return (f"cannot connect to {where}: "
+                + ("check that the server is up and AWS_ENDPOINT_URL is right" if endpoint
+                   else "set AWS_ENDPOINT_URL to your S3-compatible server, or check the network"))
+    if isinstance(e, PermissionError) or names & {"ClientError"}:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"access refused by {where} ({msg}): check the credentials and the bucket's permissions"
+    return f"cannot read it from {where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def write_manifest(clips: Iterable[Clip], path: str) -> None:
@@ -283,6 +335,20 @@ def _audio_seconds(path: str) -> float | None:
         return info.frames / float(info.samplerate)
     except Exception:
         return None
+
+
+def _audio_header(path: str) -> tuple[float | None, str]:
+    """(duration in seconds, "") of a local audio file from its header or container (nothing
+    decoded), or (None, why not) with the reason every reader of the project gives."""
+    from musiclm.audio import AudioError, duration_seconds
+
+    try:
+        dur = duration_seconds(path)
+    except AudioError as e:
+        return None, e.reason
+    if not dur or dur <= 0:
+        return None, "no audio frames"
+    return dur, ""
 
 
 def _num(v: str, *, path: str, line: int, field: str) -> float | None:
@@ -465,17 +531,18 @@ def check_manifest(path: str, *, check_audio: bool = True, eval_fraction: float 
     """Validate a manifest and summarise it.
 
     Structural errors raise :class:`ManifestError` (via :func:`read_manifest`). With
-    ``check_audio`` every audio file is checked for existence, and local files readable by
-    soundfile contribute their (header) duration; ``ok`` is False when files are missing.
+    ``check_audio`` every audio file is checked for existence, and every local one is opened
+    (header only: soundfile, else PyAV for m4a/webm/mp4) and contributes its duration; ``ok`` is
+    False when files are missing or unreadable (empty, not audio, corrupt header).
     Returns ``{"manifest", "ok", "clips", "splits": {split: n}, "missing_audio": n,
-    "missing": [first ids], "unreadable_audio": n, "hours", "hours_known_for": n, "captions":
-    {"mean_words", "max_words"}}``."""
+    "missing": [first ids], "unreadable_audio": n, "unreadable": [{"id", "audio", "reason"}, first
+    ones], "hours", "hours_known_for": n, "captions": {"mean_words", "max_words"}}``."""
     clips = read_manifest(path, eval_fraction=eval_fraction)
     splits: dict[str, int] = {}
     for c in clips:
         splits[c.split] = splits.get(c.split, 0) + 1
     missing: list[str] = []
-    unreadable = 0
+    unreadable: list[dict] = []
     seconds = 0.0
     known = 0
     for c in clips:
@@ -484,11 +551,12 @@ def check_manifest(path: str, *, check_audio: bool = True, eval_fraction: float 
             if not storage.exists(c.audio):
                 missing.append(c.id)
                 continue
-            if dur is None and not storage.is_remote(c.audio):
-                full = _audio_seconds(c.audio)
+            if not storage.is_remote(c.audio):
+                full, reason = _audio_header(c.audio)
                 if full is None:
-                    unreadable += 1
-                else:
+                    unreadable.append({"id": c.id, "audio": c.audio, "reason": reason})
+                    continue
+                if dur is None:
                     dur = full - (c.start or 0.0)
         if dur is not None:
             seconds += max(dur, 0.0)
@@ -496,12 +564,13 @@ def check_manifest(path: str, *, check_audio: bool = True, eval_fraction: float 
     words = [len(c.caption.split()) for c in clips]
     return {
         "manifest": os.fspath(path),
-        "ok": not missing,
+        "ok": not missing and not unreadable,
         "clips": len(clips),
         "splits": dict(sorted(splits.items())),
         "missing_audio": len(missing),
         "missing": missing[:max_listed],
-        "unreadable_audio": unreadable,
+        "unreadable_audio": len(unreadable),
+        "unreadable": unreadable[:max_listed],
         "hours": round(seconds / 3600.0, 4),
         "hours_known_for": known,
         "captions": {
