@@ -195,14 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     p = add("retrieval", _eval_retrieval, "text<->audio Recall@k, median rank, similarity PNG, "
             "tempo probe, quantizer agreement for any AudioTextEmbedder", ev_sub)
-    from musiclm.eval.retrieval import add_arguments as _retrieval_args
+    from musiclm.eval import retrieval
 
-    _retrieval_args(p)
+    retrieval.add_arguments(p)
     p = add("tempo", _eval_tempo, "tempo following of the semantic stage: BPM from semantic tokens "
             "(ground truth, generated from captions) vs the caption BPM, baselines, PNG", ev_sub)
-    from musiclm.eval.tempo import add_arguments as _tempo_args
+    from musiclm.eval import tempo
 
-    _tempo_args(p)
+    tempo.add_arguments(p)
 
     p = add("bench", _bench, "benchmarks, printed as JSON")
     p.add_argument("part", choices=["shards", "tokenize", "train", "startup", "lm", "scaling"])
@@ -213,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from musiclm.logs import setup_logging
+
     args = build_parser().parse_args(argv)
+    setup_logging()
     return args.handler(args)
 
 

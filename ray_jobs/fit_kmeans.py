@@ -22,14 +22,16 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from ray_jobs import common as C  # noqa: E402
 from musiclm.data import segments as S  # noqa: E402
-from musiclm.data import storage  # noqa: E402
+from ray_jobs.cluster import resolve_device  # noqa: E402
+from ray_jobs.job import Job, run_job  # noqa: E402
+from ray_jobs.job_args import tokenizers_section  # noqa: E402
+from ray_jobs.output import errors_url, fit_summary, save_file_output, write_errors  # noqa: E402
+from ray_jobs.stages import actor_stage, actor_stamp, fit_record, pack_arrays, segment_batches, unpack_arrays  # noqa: E402
 
 
 def _clip_rng(seed: int, clip_id: str) -> np.random.Generator:
@@ -46,20 +48,20 @@ class FeatureActor:
         from musiclm.semantic import SemanticFeatures
 
         torch.set_num_threads(threads)
-        self.feats = SemanticFeatures.from_config(feats_cfg, device=C.resolve_device(device))
+        self.feats = SemanticFeatures.from_config(feats_cfg, device=resolve_device(device))
         self.batch_size, self.frames_per_clip, self.seed = max(1, batch_size), frames_per_clip, seed
-        self.ready = C.actor_stamp()
+        self.ready = actor_stamp()
 
     def __call__(self, batch: dict) -> dict:
         out = {"record": [], "arrays": []}
         for group_json, blob, meta_json in zip(batch["group"], batch["audio"], batch["meta"]):
             t0 = time.time()
-            group, meta, audio = S.Group.from_json(group_json), json.loads(meta_json), C.unpack_arrays(blob)
+            group, meta, audio = S.Group.from_json(group_json), json.loads(meta_json), unpack_arrays(blob)
             clips = {c["id"]: c for c in group.clips}
             per_clip: dict[str, list[np.ndarray]] = {}
             errors = list(meta["errors"])
             seconds = 0.0
-            for chunk, wav in C.segment_batches(meta["segments"], audio, self.batch_size):
+            for chunk, wav in segment_batches(meta["segments"], audio, self.batch_size):
                 try:
                     feats = self.feats(wav).numpy()  # [B, T_s, D]
                 except Exception as e:
@@ -82,99 +84,79 @@ class FeatureActor:
             used = set(per_clip) - failed
             dim = rows[0].shape[-1] if rows else 0
             frames = np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
-            rec = C.fit_record(group, meta, used, errors, seconds,
-                               {"decode_s": round(meta["decode_s"], 4), "model_s": round(time.time() - t0, 4),
-                                "actor": self.ready})
+            rec = fit_record(group, meta, used, errors, seconds,
+                             {"decode_s": round(meta["decode_s"], 4), "model_s": round(time.time() - t0, 4),
+                              "actor": self.ready})
             rec["frames"] = int(len(frames))
             out["record"].append(json.dumps(rec))
-            out["arrays"].append(C.pack_arrays({"frames": frames}))
+            out["arrays"].append(pack_arrays({"frames": frames}))
         return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from musiclm.semantic import SemanticFeatures, fit_kmeans, save_centroids
-
-    p = C.base_parser(__doc__.split("\n\n")[0])
+def _add_arguments(p) -> None:
     p.add_argument("--out", default=None, help="centroids file (default: tokenizers.semantic.kmeans of the config)")
     p.add_argument("--clusters", type=int, default=None, help="k (default: config fit_kmeans.clusters, else 1024)")
     p.add_argument("--frames-per-clip", type=int, default=None, help="random frames kept per clip (default 250)")
     p.add_argument("--max-frames", type=int, default=None, help="frames fitted at most (default 500000)")
-    p.add_argument("--clips-per-task", type=int, default=8, help="clips per Ray task / actor call")
-    p.add_argument("--segment-seconds", type=float, default=None, help="default: config segment_seconds, else 10")
-    args = p.parse_args(argv)
-    t_start = time.time()
-    cfg = C.load_config(args.config, args.set)
+
+
+def _setup(job: Job) -> None:
+    from musiclm.semantic import SemanticFeatures
+
+    args, cfg = job.args, job.cfg
     fit = dict(cfg.get("fit_kmeans") or {})
-    tok = C.tokenizers_section(cfg)
-    sem = dict(tok.get("semantic") or {})
+    sem = dict(tokenizers_section(cfg).get("semantic") or {})
     feats_cfg = dict(sem.get("features") or {"type": "mfcc", "rate": 25})
     out = args.out or sem.get("kmeans")
     if not out:
-        p.error("--out is required when the config has no tokenizers.semantic.kmeans path")
+        job.parser.error("--out is required when the config has no tokenizers.semantic.kmeans path")
     clusters = int(args.clusters or fit.get("clusters", 1024))
-    frames_per_clip = int(args.frames_per_clip or fit.get("frames_per_clip", 250))
-    max_frames = int(args.max_frames or fit.get("max_frames", 500_000))
     if args.max_clips is None and fit.get("max_clips"):
         args.max_clips = int(fit["max_clips"])
-    segment_seconds = float(args.segment_seconds or cfg.get("segment_seconds") or 10.0)
     feats = SemanticFeatures.from_config(feats_cfg)  # lazy: only the feature extractor for the rate
-    sample_rate = int(feats.sample_rate)
+    job.sample_rate = int(feats.sample_rate)
+    job.segment_seconds = float(args.segment_seconds or cfg.get("segment_seconds") or 10.0)
+    job.describe = f"features {feats!r} at {job.sample_rate} Hz, k={clusters} -> {out}"
+    job.data.update(out=out, clusters=clusters, feats=feats, feats_cfg=feats_cfg,
+                    frames_per_clip=int(args.frames_per_clip or fit.get("frames_per_clip", 250)),
+                    max_frames=int(args.max_frames or fit.get("max_frames", 500_000)))
 
-    records, arrays, plan_errors, progress, wp, ray_info = C.run_actor_over_groups(
-        args, "fit_kmeans", FeatureActor,
-        dict(feats_cfg=feats_cfg, frames_per_clip=frames_per_clip, seed=args.seed),
-        sample_rate=sample_rate, segment_seconds=segment_seconds,
-        describe=f"features {feats!r} at {sample_rate} Hz, k={clusters} -> {out}")
-    frames = [a["frames"] for a in arrays if len(a["frames"])]
+
+def _stages(job: Job, ds):
+    wp = job.worker_plan()
+    return actor_stage(ds, FeatureActor, wp,
+                       dict(feats_cfg=job.data["feats_cfg"], frames_per_clip=job.data["frames_per_clip"],
+                            seed=job.args.seed, device=wp["device"], threads=wp["threads"],
+                            batch_size=job.args.batch_size))
+
+
+def _complete(job: Job) -> dict:
+    from musiclm.semantic import fit_kmeans, save_centroids
+
+    args, out = job.args, job.data["out"]
+    frames = [a["frames"] for a in job.arrays if len(a["frames"])]
     if not frames:
         raise SystemExit("[fit_kmeans] no features: every clip failed (see the errors above)")
     x = np.concatenate(frames)
-    if len(x) > max_frames:
-        x = x[np.sort(np.random.default_rng(args.seed).choice(len(x), max_frames, replace=False))]
+    if len(x) > job.data["max_frames"]:
+        x = x[np.sort(np.random.default_rng(args.seed).choice(len(x), job.data["max_frames"], replace=False))]
     t_fit = time.time()
-    centroids = fit_kmeans([x], n_clusters=clusters, seed=args.seed)
+    centroids = fit_kmeans([x], n_clusters=job.data["clusters"], seed=args.seed)
     fit_s = time.time() - t_fit
-    _save(out, lambda path: save_centroids(path, centroids, feats.config()))
-    errors = plan_errors + [e for r in records for e in r["errors"]]
-    errors_url = _errors_url(out)
-    C.write_errors(errors_url, errors)
-    summary = _summary("fit_kmeans", out, records, errors, progress, wp, ray_info, t_start)
+    save_file_output(out, lambda path: save_centroids(path, centroids, job.data["feats"].config()))
+    errors = job.plan_errors + [e for r in job.records for e in r["errors"]]
+    errors_file = errors_url(out)
+    write_errors(errors_file, errors)
+    summary = fit_summary("fit_kmeans", out, job.records, errors, job.progress, job.worker_plan(), job.ray_info,
+                          job.t_start)
     summary.update(frames=int(len(x)), clusters=int(centroids.shape[0]), dim=int(centroids.shape[1]),
-                   fit_s=round(fit_s, 3), errors_file=errors_url)
-    C.print_summary(summary)
+                   fit_s=round(fit_s, 3), errors_file=errors_file)
     return summary
 
 
-def _errors_url(out: str) -> str:
-    base = out[: -len(".safetensors")] if out.endswith(".safetensors") else out.rstrip("/")
-    return base + ".errors.jsonl"
-
-
-def _save(out: str, save) -> None:
-    """Save through `save(local_path)`; remote outputs are written locally, then uploaded."""
-    if not storage.is_remote(out):
-        save(out)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, storage.basename(out))
-        save(local)
-        storage.put_file(local, out)
-
-
-def _summary(job: str, out: str, records: list[dict], errors: list[dict], progress, wp: dict, ray_info: dict,
-             t_start: float) -> dict:
-    by_reason: dict[str, int] = {}
-    for e in errors:
-        by_reason[e["reason"]] = by_reason.get(e["reason"], 0) + 1
-    summary = {"job": job, "out": out, "clips": sum(len(r["clips"]) for r in records),
-               "clips_ok": sum(len(r["clips_ok"]) for r in records), "clips_failed": len(errors),
-               "failed_by_reason": by_reason, "segments": sum(r["segments"] for r in records),
-               "audio_hours": round(sum(r["seconds"] for r in records) / 3600, 6), "workers": wp["workers"],
-               "ray": ray_info["mode"], "total_s": round(time.time() - t_start, 3)}
-    summary.update(progress.rates(wp["workers"]))
-    if errors:
-        C.log(f"[{job}] {len(errors)} clip(s) failed ({', '.join(f'{k}: {v}' for k, v in sorted(by_reason.items()))})")
-    return summary
+def main(argv: list[str] | None = None) -> dict:
+    return run_job("fit_kmeans", __doc__, argv, setup=_setup, stages=_stages, complete=_complete,
+                   add_arguments=_add_arguments)
 
 
 if __name__ == "__main__":

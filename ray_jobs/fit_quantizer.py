@@ -26,10 +26,15 @@ import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from ray_jobs import common as C  # noqa: E402
-from ray_jobs.fit_kmeans import _errors_url, _summary  # noqa: E402
 from musiclm.data import segments as S  # noqa: E402
-from musiclm.data import storage  # noqa: E402
+from musiclm.logs import get_logger  # noqa: E402
+from ray_jobs.cluster import resolve_device  # noqa: E402
+from ray_jobs.job import Job, run_job  # noqa: E402
+from ray_jobs.job_args import tokenizers_section  # noqa: E402
+from ray_jobs.output import errors_url, fit_summary, save_dir_output, write_errors  # noqa: E402
+from ray_jobs.stages import actor_stage, actor_stamp, fit_record, pack_arrays, segment_batches, unpack_arrays  # noqa: E402
+
+log = get_logger("ray_jobs.fit_quantizer")
 
 
 class EmbedActor:
@@ -41,19 +46,19 @@ class EmbedActor:
         from musiclm.mulan import build_embedder
 
         torch.set_num_threads(threads)
-        self.embedder = build_embedder(mulan_cfg, device=C.resolve_device(device))
+        self.embedder = build_embedder(mulan_cfg, device=resolve_device(device))
         self.batch_size = max(1, batch_size)
-        self.ready = C.actor_stamp()
+        self.ready = actor_stamp()
 
     def __call__(self, batch: dict) -> dict:
         out = {"record": [], "arrays": []}
         for group_json, blob, meta_json in zip(batch["group"], batch["audio"], batch["meta"]):
             t0 = time.time()
-            group, meta, audio = S.Group.from_json(group_json), json.loads(meta_json), C.unpack_arrays(blob)
+            group, meta, audio = S.Group.from_json(group_json), json.loads(meta_json), unpack_arrays(blob)
             clips = {c["id"]: c for c in group.clips}
             errors = list(meta["errors"])
             got: list[tuple[str, np.ndarray, float]] = []
-            for chunk, wav in C.segment_batches(meta["segments"], audio, self.batch_size):
+            for chunk, wav in segment_batches(meta["segments"], audio, self.batch_size):
                 try:
                     emb = self.embedder.embed_audio(wav).float().numpy()  # [B, D]
                 except Exception as e:
@@ -65,45 +70,51 @@ class EmbedActor:
             failed = {e["clip_id"] for e in errors}
             kept = [(c, e, sec) for c, e, sec in got if c not in failed]
             emb = np.stack([e for _, e, _ in kept]) if kept else np.zeros((0, 0), np.float32)
-            rec = C.fit_record(group, meta, {c for c, _, _ in kept}, errors, sum(sec for _, _, sec in kept),
-                               {"decode_s": round(meta["decode_s"], 4), "model_s": round(time.time() - t0, 4),
-                                "actor": self.ready})
+            rec = fit_record(group, meta, {c for c, _, _ in kept}, errors, sum(sec for _, _, sec in kept),
+                             {"decode_s": round(meta["decode_s"], 4), "model_s": round(time.time() - t0, 4),
+                              "actor": self.ready})
             out["record"].append(json.dumps(rec))
-            out["arrays"].append(C.pack_arrays({"embeddings": emb.astype(np.float32)}))
+            out["arrays"].append(pack_arrays({"embeddings": emb.astype(np.float32)}))
         return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from musiclm.mulan import build_embedder
-    from musiclm.tokenizers import build_tokenizers
-
-    p = C.base_parser(__doc__.split("\n\n")[0])
+def _add_arguments(p) -> None:
     p.add_argument("--out", default=None, help="quantizer directory (default: tokenizers.quantizer of the config)")
-    p.add_argument("--clips-per-task", type=int, default=8, help="clips per Ray task / actor call")
-    p.add_argument("--segment-seconds", type=float, default=None, help="default: config segment_seconds, else 10")
     p.add_argument("--max-samples", type=int, default=100_000, help="embeddings used for the fit at most")
-    args = p.parse_args(argv)
-    t_start = time.time()
-    cfg = C.load_config(args.config, args.set)
-    tok = C.tokenizers_section(cfg)
+
+
+def _setup(job: Job) -> None:
+    from musiclm.mulan import build_embedder
+
+    args, cfg = job.args, job.cfg
+    tok = tokenizers_section(cfg)
     if not tok.get("mulan"):
-        p.error("the config has no tokenizers.mulan section (the embedder to quantize)")
+        job.parser.error("the config has no tokenizers.mulan section (the embedder to quantize)")
     q = tok.get("quantizer")
     out = args.out or (q if isinstance(q, str) else (q or {}).get("path"))
     if not out:
-        p.error("--out is required when the config has no tokenizers.quantizer path")
+        job.parser.error("--out is required when the config has no tokenizers.quantizer path")
     fit = dict(cfg.get("fit_quantizer") or {})
     if args.max_clips is None and fit.get("max_clips"):
         args.max_clips = int(fit["max_clips"])
-    segment_seconds = float(args.segment_seconds or cfg.get("segment_seconds") or 10.0)
+    job.segment_seconds = float(args.segment_seconds or cfg.get("segment_seconds") or 10.0)
     mulan_cfg = dict(tok["mulan"])
-    sample_rate = int(build_embedder(mulan_cfg).sample_rate)
+    job.sample_rate = int(build_embedder(mulan_cfg).sample_rate)
+    job.describe = f"embedder {mulan_cfg.get('type', 'clap')} at {job.sample_rate} Hz -> {out}"
+    job.data.update(out=out, quantizer_cfg=q, mulan_cfg=mulan_cfg)
 
-    records, arrays, plan_errors, progress, wp, ray_info = C.run_actor_over_groups(
-        args, "fit_quantizer", EmbedActor, dict(mulan_cfg=mulan_cfg),
-        sample_rate=sample_rate, segment_seconds=segment_seconds,
-        describe=f"embedder {mulan_cfg.get('type', 'clap')} at {sample_rate} Hz -> {out}")
-    embs = [a["embeddings"] for a in arrays if a["embeddings"].size]
+
+def _stages(job: Job, ds):
+    wp = job.worker_plan()
+    return actor_stage(ds, EmbedActor, wp, dict(mulan_cfg=job.data["mulan_cfg"], device=wp["device"],
+                                                threads=wp["threads"], batch_size=job.args.batch_size))
+
+
+def _complete(job: Job) -> dict:
+    from musiclm.tokenizers import build_tokenizers
+
+    args, out = job.args, job.data["out"]
+    embs = [a["embeddings"] for a in job.arrays if a["embeddings"].size]
     if not embs:
         raise SystemExit("[fit_quantizer] no embeddings: every clip failed (see the errors above)")
     x = np.concatenate(embs)
@@ -111,40 +122,31 @@ def main(argv: list[str] | None = None) -> dict:
         warnings.simplefilter("ignore")  # "fewer vectors than codes" on small corpora: reported below
         # Only the quantizer section: its preset / levels / codebook_size / namespaces; no model loads.
         # codebook_size: auto -> sized to len(x) (musiclm.quantize.auto_codebook_size)
-        quant = build_tokenizers({"quantizer": q}).new_quantizer(dim=int(x.shape[1]), num_embeddings=len(x))
+        quant = build_tokenizers({"quantizer": job.data["quantizer_cfg"]}).new_quantizer(
+            dim=int(x.shape[1]), num_embeddings=len(x))
         t_fit = time.time()
         quant.fit(x, seed=args.seed, max_samples=args.max_samples)
     fit_s = time.time() - t_fit
-    _save_dir(out, quant.save)
-    errors = plan_errors + [e for r in records for e in r["errors"]]
-    errors_url = _errors_url(out)
-    C.write_errors(errors_url, errors)
-    summary = _summary("fit_quantizer", out, records, errors, progress, wp, ray_info, t_start)
+    save_dir_output(out, quant.save)
+    errors = job.plan_errors + [e for r in job.records for e in r["errors"]]
+    errors_file = errors_url(out)
+    write_errors(errors_file, errors)
+    summary = fit_summary("fit_quantizer", out, job.records, errors, job.progress, job.worker_plan(), job.ray_info,
+                          job.t_start)
     cos = quant.reconstruction_cosine(x[: min(len(x), 2048)])
-    summary.update(embeddings=int(len(x)), dim=int(x.shape[1]), fit_s=round(fit_s, 3), errors_file=errors_url,
+    summary.update(embeddings=int(len(x)), dim=int(x.shape[1]), fit_s=round(fit_s, 3), errors_file=errors_file,
                    levels=int(quant.levels), codebook_size=int(quant.codebook_size),
                    reconstruction_cosine={k: round(float(v), 4) for k, v in cos.items()},
                    fingerprint_weights_sha256=quant.fingerprint().get("weights_sha256"))
     if len(x) < 4 * quant.codebook_size:
-        C.log(f"[fit_quantizer] note: {len(x)} embeddings for codebooks of {quant.codebook_size} codes: many "
-              f"codes stay empty and text/audio rarely share tokens; `codebook_size: auto` sizes them to the corpus")
-    C.print_summary(summary)
+        log.info(f"[fit_quantizer] note: {len(x)} embeddings for codebooks of {quant.codebook_size} codes: many "
+                 f"codes stay empty and text/audio rarely share tokens; `codebook_size: auto` sizes them to the corpus")
     return summary
 
 
-def _save_dir(out: str, save) -> None:
-    """save(local_dir); a remote `out` is written to a temp dir, then every file uploaded."""
-    if not storage.is_remote(out):
-        save(out)
-        return
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save(tmp)
-        for root, _, files in os.walk(tmp):
-            for f in files:
-                rel = os.path.relpath(os.path.join(root, f), tmp)
-                storage.put_file(os.path.join(root, f), storage.join(out, *rel.split(os.sep)))
+def main(argv: list[str] | None = None) -> dict:
+    return run_job("fit_quantizer", __doc__, argv, setup=_setup, stages=_stages, complete=_complete,
+                   add_arguments=_add_arguments)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ sys.path.insert(0, os.path.dirname(_HERE))
 import json  # noqa: E402
 import time  # noqa: E402
 
-from ray_jobs import common as C  # noqa: E402
 from musiclm.data import segments as S  # noqa: E402
+from ray_jobs.job import Job, run_job  # noqa: E402
+from ray_jobs.output import finish, write_group  # noqa: E402
+from ray_jobs.stages import sample_json, unpack_arrays  # noqa: E402
 
 
 def encode_and_write(row: dict, *, out_dir: str, delay: float = 0.0) -> dict:
@@ -37,7 +39,7 @@ def encode_and_write(row: dict, *, out_dir: str, delay: float = 0.0) -> dict:
     t0 = time.time()
     group = S.Group.from_json(row["group"])
     meta = json.loads(row["meta"])
-    audio = C.unpack_arrays(row["audio"])
+    audio = unpack_arrays(row["audio"])
     clips = {c["id"]: c for c in group.clips}
     sr = int(meta["sample_rate"])
     samples, errors, bad = [], list(meta["errors"]), set()
@@ -51,55 +53,49 @@ def encode_and_write(row: dict, *, out_dir: str, delay: float = 0.0) -> dict:
             errors.append(S.error_record(clips[seg["clip_id"]], "encode_failed", f"{type(e).__name__}: {e}",
                                          stage="encode"))
             continue
-        samples.append({"__key__": seg["key"], "flac": flac, "json": C.sample_json(clips[seg["clip_id"]], seg, sr)})
+        samples.append({"__key__": seg["key"], "flac": flac, "json": sample_json(clips[seg["clip_id"]], seg, sr)})
     samples = [s for s in samples if s["json"]["clip_id"] not in bad]
     timings = {"decode_s": round(meta["decode_s"], 4), "encode_s": round(time.time() - t0, 4)}
-    record = C.write_group(group, samples, errors, out_dir=out_dir, kind="audio", timings=timings,
-                           delay=delay)
+    record = write_group(group, samples, errors, out_dir=out_dir, kind="audio", timings=timings, delay=delay)
     return {"record": json.dumps(record)}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _add_arguments(p) -> None:
+    p.add_argument("--sample-rate", type=int, default=None, help="corpus sample rate (default: config sample_rate, else 24000)")
+
+
+def _setup(job: Job) -> None:
     from musiclm.data.shards import audio_shard_dir
 
-    p = C.base_parser(__doc__.split("\n\n")[0])
-    C.add_shard_args(p, default_clips=16)
-    p.add_argument("--sample-rate", type=int, default=None, help="corpus sample rate (default: config sample_rate, else 24000)")
-    args = p.parse_args(argv)
-    t_start = time.time()
-    cfg = C.load_config(args.config, args.set)
-    sample_rate = int(args.sample_rate or cfg.get("sample_rate", 24000))
-    segment_seconds = float(args.segment_seconds or cfg.get("audio_segment_seconds") or cfg.get("segment_seconds") or 10.0)
-    min_seconds = float(args.min_segment_seconds if args.min_segment_seconds is not None
-                        else cfg.get("min_segment_seconds", 1.0))
-    grid = float(cfg.get("grid_seconds", 0.04))
-    out_dir = audio_shard_dir(args.out, C.dataset_name(args))
-    params = {"sample_rate": sample_rate, "segment_seconds": segment_seconds, "min_segment_seconds": min_seconds,
-              "grid_seconds": grid}
-    groups, plan_errors, plan = C.make_plan(args, "pack_audio", params, clips_per_group=args.clips_per_shard)
-    state = C.WorkState(out_dir)
-    resumed = state.check_plan(plan, args.overwrite)
-    pending = C.pending_groups(groups, state, retry_failed=args.retry_failed)
-    C.log(f"[pack_audio] {plan['clips']} clips in {len(groups)} groups -> {out_dir}"
-          + (f" (resuming: {len(groups) - len(pending)} groups already done)" if resumed else ""))
+    from ray_jobs.job_args import dataset_name
 
-    ray_info = {"mode": "none"}
-    progress = None
-    if pending:
-        ray_info = C.init_ray(args)
-        progress = C.Progress("pack_audio", len(pending), sum(len(g.clips) for g in pending))
-        ds = C.groups_dataset(pending)
-        ds = ds.map(C.decode_group, num_cpus=args.task_cpus,
-                    fn_kwargs=dict(sample_rate=sample_rate, segment_seconds=segment_seconds, grid_seconds=grid,
-                                   min_seconds=min_seconds))
-        ds = ds.map(encode_and_write, num_cpus=args.task_cpus, fn_kwargs=dict(out_dir=out_dir, delay=args.test_group_delay))
-        C.run_pipeline(ds, progress)
-    summary = C.finish(job="pack_audio", out_dir=out_dir, kind="audio", fingerprints={},
-                       groups=groups, plan_errors=plan_errors, state=state,
-                       extra={"manifest": args.manifest, "sample_rate": sample_rate, "params": params},
-                       progress=progress, workers=1, ray_info=ray_info, t_start=t_start)
-    C.print_summary(summary)
-    return summary
+    args, cfg = job.args, job.cfg
+    job.sample_rate = int(args.sample_rate or cfg.get("sample_rate", 24000))
+    job.segment_seconds = float(args.segment_seconds or cfg.get("audio_segment_seconds") or cfg.get("segment_seconds")
+                                or 10.0)
+    job.min_seconds = float(args.min_segment_seconds if args.min_segment_seconds is not None
+                            else cfg.get("min_segment_seconds", 1.0))
+    job.grid_seconds = float(cfg.get("grid_seconds", 0.04))
+    job.out_dir = audio_shard_dir(args.out, dataset_name(args))
+    job.params = {"sample_rate": job.sample_rate, "segment_seconds": job.segment_seconds,
+                  "min_segment_seconds": job.min_seconds, "grid_seconds": job.grid_seconds}
+
+
+def _stages(job: Job, ds):
+    return ds.map(encode_and_write, num_cpus=job.args.task_cpus,
+                  fn_kwargs=dict(out_dir=job.out_dir, delay=job.group_delay))
+
+
+def _complete(job: Job) -> dict:
+    return finish(job="pack_audio", out_dir=job.out_dir, kind="audio", fingerprints={}, groups=job.groups,
+                  plan_errors=job.plan_errors, state=job.state,
+                  extra={"manifest": job.args.manifest, "sample_rate": job.sample_rate, "params": job.params},
+                  progress=job.progress, workers=1, ray_info=job.ray_info, t_start=job.t_start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_job("pack_audio", __doc__, argv, setup=_setup, stages=_stages, complete=_complete,
+                   add_arguments=_add_arguments, shard_clips=16)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,16 @@ sys.path.insert(0, os.path.dirname(_HERE))
 import json  # noqa: E402
 import time  # noqa: E402
 
-from ray_jobs import common as C  # noqa: E402
 from musiclm.data import segments as S  # noqa: E402
+from musiclm.logs import get_logger  # noqa: E402
+from ray_jobs.cluster import resolve_device  # noqa: E402
+from ray_jobs.job import Job, run_job  # noqa: E402
+from ray_jobs.job_args import dataset_name, tokenizers_section  # noqa: E402
+from ray_jobs.output import finish, write_group  # noqa: E402
+from ray_jobs.stages import actor_stage, actor_stamp, pack_arrays, sample_json, unpack_arrays  # noqa: E402
 
 ENTRIES = ("acoustic.npy", "semantic.npy", "mulan.npy", "cond.npy")
+log = get_logger("ray_jobs.tokenize")
 
 
 class TokenizeActor:
@@ -45,14 +51,14 @@ class TokenizeActor:
         from musiclm.tokenizers import build_tokenizers
 
         torch.set_num_threads(threads)
-        self.device = C.resolve_device(device)
+        self.device = resolve_device(device)
         self.bundle = build_tokenizers(tok_cfg, device=self.device)
         got = fingerprint_hash(self.bundle.fingerprints())
         if got != expected_hash:  # a node whose model files differ from the driver's
             raise RuntimeError(f"tokenizers on this worker fingerprint to {got}, the driver's to {expected_hash}: "
                                f"model files differ between nodes")
         self.batch_size = max(1, int(batch_size))
-        self.ready = C.actor_stamp()
+        self.ready = actor_stamp()
 
     def _tokenize(self, wavs: list) -> list[dict]:
         return self.bundle.tokenize(wavs, sample_rate=self.bundle.sample_rate, entries=list(ENTRIES))
@@ -64,7 +70,7 @@ class TokenizeActor:
         for group_json, blob, meta_json in zip(batch["group"], batch["audio"], batch["meta"]):
             t0 = time.time()
             meta = json.loads(meta_json)
-            audio = C.unpack_arrays(blob)
+            audio = unpack_arrays(blob)
             segs = meta["segments"]
             group = S.Group.from_json(group_json)
             clips = {c["id"]: c for c in group.clips}
@@ -92,7 +98,7 @@ class TokenizeActor:
             meta = dict(meta, segments=[s for s in segs if s["clip_id"] not in failed], errors=errors,
                         model_s=time.time() - t0, actor=self.ready)
             out["group"].append(group_json)
-            out["tokens"].append(C.pack_arrays({k: v for k, v in tokens.items()
+            out["tokens"].append(pack_arrays({k: v for k, v in tokens.items()
                                                 if k.split("|")[0].rsplit("__", 1)[0] not in failed}))
             out["meta"].append(json.dumps(meta))
         return out
@@ -102,19 +108,19 @@ def write_tokens(row: dict, *, out_dir: str, delay: float = 0.0) -> dict:
     """Ray Data `map` (CPU task): the group's token samples -> its shard and record."""
     group = S.Group.from_json(row["group"])
     meta = json.loads(row["meta"])
-    arrays = C.unpack_arrays(row["tokens"])
+    arrays = unpack_arrays(row["tokens"])
     clips = {c["id"]: c for c in group.clips}
     sr = int(meta["sample_rate"])
     samples = []
     for seg in meta["segments"]:
-        s = {"__key__": seg["key"], "json": C.sample_json(clips[seg["clip_id"]], seg, sr)}
+        s = {"__key__": seg["key"], "json": sample_json(clips[seg["clip_id"]], seg, sr)}
         for name in ENTRIES:
             s[name] = arrays[f"{seg['key']}|{name}"]
         samples.append(s)
     timings = {"decode_s": round(meta["decode_s"], 4), "model_s": round(meta.get("model_s", 0.0), 4),
                "actor": meta.get("actor")}
-    record = C.write_group(group, samples, meta["errors"], out_dir=out_dir, kind="tokens", timings=timings,
-                           delay=delay)
+    record = write_group(group, samples, meta["errors"], out_dir=out_dir, kind="tokens", timings=timings,
+                         delay=delay)
     return {"record": json.dumps(record)}
 
 
@@ -133,62 +139,52 @@ def build_bundle(tok_cfg: dict):
     return bundle
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from musiclm.data.shards import fingerprint_hash, token_shard_dir
+def _setup(job: Job) -> None:
+    from musiclm.data.shards import token_shard_dir
 
-    p = C.base_parser(__doc__.split("\n\n")[0])
-    C.add_shard_args(p, default_clips=32)
-    args = p.parse_args(argv)
+    args, cfg = job.args, job.cfg
     if not args.config:
-        p.error("--config is required (the tokenizers: section, e.g. launch/configs/tokenizers.yaml)")
-    t_start = time.time()
-    cfg = C.load_config(args.config, args.set)
-    tok_cfg = C.tokenizers_section(cfg)
+        job.parser.error("--config is required (the tokenizers: section, e.g. launch/configs/tokenizers.yaml)")
+    tok_cfg = tokenizers_section(cfg)
     bundle = build_bundle(tok_cfg)
     fingerprints = bundle.fingerprints()
     rates = bundle.frame_rates()
-    grid = S.time_grid(rates.values())
-    sample_rate = int(bundle.sample_rate)
-    segment_seconds = float(args.segment_seconds or cfg.get("segment_seconds") or 10.0)
-    min_seconds = float(args.min_segment_seconds if args.min_segment_seconds is not None
-                        else cfg.get("min_segment_seconds", 1.0))
-    S.segment_bounds(0, sample_rate, segment_seconds, grid_seconds=grid)  # validates the length vs the grid
-    out_dir = token_shard_dir(args.out, C.dataset_name(args), fingerprints)
-    params = {"sample_rate": sample_rate, "segment_seconds": segment_seconds, "min_segment_seconds": min_seconds,
-              "grid_seconds": grid}
-    groups, plan_errors, plan = C.make_plan(args, "tokenize", params, clips_per_group=args.clips_per_shard)
-    state = C.WorkState(out_dir)
-    resumed = state.check_plan(plan, args.overwrite)
-    pending = C.pending_groups(groups, state, retry_failed=args.retry_failed)
-    C.log(f"[tokenize] {plan['clips']} clips in {len(groups)} groups -> {out_dir}"
-          + (f" (resuming: {len(groups) - len(pending)} groups already done)" if resumed else ""))
+    job.grid_seconds = S.time_grid(rates.values())
+    job.sample_rate = int(bundle.sample_rate)
+    job.segment_seconds = float(args.segment_seconds or cfg.get("segment_seconds") or 10.0)
+    job.min_seconds = float(args.min_segment_seconds if args.min_segment_seconds is not None
+                            else cfg.get("min_segment_seconds", 1.0))
+    S.segment_bounds(0, job.sample_rate, job.segment_seconds, grid_seconds=job.grid_seconds)  # validates the length vs the grid
+    job.out_dir = token_shard_dir(args.out, dataset_name(args), fingerprints)
+    job.params = {"sample_rate": job.sample_rate, "segment_seconds": job.segment_seconds,
+                  "min_segment_seconds": job.min_seconds, "grid_seconds": job.grid_seconds}
+    job.data.update(tok_cfg=tok_cfg, fingerprints=fingerprints, rates=rates)
 
-    ray_info, workers, progress = {"mode": "none"}, 0, None
-    if pending:
-        ray_info = C.init_ray(args)
-        wp = C.worker_plan(args, ray_info)
-        workers = wp["workers"]
-        C.log(f"[tokenize] ray {ray_info['mode']} ({ray_info['cpus']:g} CPU, {ray_info['gpus']:g} GPU): "
-              f"{workers} tokenizer worker(s) x {wp['cpus_per_worker']:g} CPU x {wp['gpus_per_worker']:g} GPU "
-              f"on {wp['device']}, batch {args.batch_size}")
-        progress = C.Progress("tokenize", len(pending), sum(len(g.clips) for g in pending))
-        ds = C.groups_dataset(pending)
-        ds = ds.map(C.decode_group, num_cpus=args.task_cpus,
-                    fn_kwargs=dict(sample_rate=sample_rate, segment_seconds=segment_seconds, grid_seconds=grid,
-                                   min_seconds=min_seconds))
-        ds = C.actor_stage(ds, TokenizeActor, wp,
-                           dict(tok_cfg=tok_cfg, device=wp["device"], threads=wp["threads"],
-                                batch_size=args.batch_size,
-                                expected_hash=fingerprint_hash(fingerprints)))
-        ds = ds.map(write_tokens, num_cpus=args.task_cpus, fn_kwargs=dict(out_dir=out_dir, delay=args.test_group_delay))
-        C.run_pipeline(ds, progress)
-    summary = C.finish(job="tokenize", out_dir=out_dir, kind="tokens", fingerprints=fingerprints,
-                       groups=groups, plan_errors=plan_errors, state=state,
-                       extra={"manifest": args.manifest, "sample_rate": sample_rate, "params": params,
-                              "frame_rates": rates},
-                       progress=progress, workers=workers, ray_info=ray_info, t_start=t_start)
-    C.print_summary(summary)
-    return summary
+
+def _stages(job: Job, ds):
+    from musiclm.data.shards import fingerprint_hash
+
+    args, ray_info, wp = job.args, job.ray_info, job.worker_plan()
+    log.info(f"[tokenize] ray {ray_info['mode']} ({ray_info['cpus']:g} CPU, {ray_info['gpus']:g} GPU): "
+             f"{wp['workers']} tokenizer worker(s) x {wp['cpus_per_worker']:g} CPU x {wp['gpus_per_worker']:g} GPU "
+             f"on {wp['device']}, batch {args.batch_size}")
+    ds = actor_stage(ds, TokenizeActor, wp,
+                     dict(tok_cfg=job.data["tok_cfg"], device=wp["device"], threads=wp["threads"],
+                          batch_size=args.batch_size, expected_hash=fingerprint_hash(job.data["fingerprints"])))
+    return ds.map(write_tokens, num_cpus=args.task_cpus, fn_kwargs=dict(out_dir=job.out_dir, delay=job.group_delay))
+
+
+def _complete(job: Job) -> dict:
+    return finish(job="tokenize", out_dir=job.out_dir, kind="tokens", fingerprints=job.data["fingerprints"],
+                  groups=job.groups, plan_errors=job.plan_errors, state=job.state,
+                  extra={"manifest": job.args.manifest, "sample_rate": job.sample_rate, "params": job.params,
+                         "frame_rates": job.data["rates"]},
+                  progress=job.progress, workers=job.worker_plan()["workers"] if job.pending else 0,
+                  ray_info=job.ray_info, t_start=job.t_start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_job("tokenize", __doc__, argv, setup=_setup, stages=_stages, complete=_complete, shard_clips=32)
 
 
 if __name__ == "__main__":

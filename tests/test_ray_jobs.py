@@ -27,7 +27,7 @@ from musiclm.data import segments as S
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ray_utils, helpers_models
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # ray_jobs.common (parse_summary)
+    sys.path.insert(0, str(REPO))  # ray_jobs.output (parse_summary)
 
 BAD = {"bad": "corrupt", "silent": "silent", "empty": "empty", "missing": "missing"}
 
@@ -116,7 +116,7 @@ def env(tmp_path_factory):
 def _driver(env, script: str, *args: str, use_head: bool = True, extra_env: dict | None = None,
             timeout: float = 240) -> dict:
     """`python ray_jobs/<script> ...` as a driver of the module's head (or a local Ray); returns the summary."""
-    from ray_jobs.common import parse_summary
+    from ray_jobs.output import parse_summary
 
     e = env["head"].env() if use_head else _local_env(env)
     e.update(extra_env or {})
@@ -141,7 +141,7 @@ def _local_env(env) -> dict:
 
 def _submit(env, script: str, *args: str, extra_env: dict | None = None) -> dict:
     import ray_utils
-    from ray_jobs.common import parse_summary
+    from ray_jobs.output import parse_summary
 
     proc = ray_utils.job_submit(env["head"], [f"ray_jobs/{script}", *args], timeout=300, env_vars=extra_env)
     out = proc.stdout + proc.stderr
@@ -278,11 +278,12 @@ def test_tokenize_job_submit_to_s3(env, moto_s3, moto_server):
 def test_tokenize_kill_resume_and_new_tokenizers(env, tmp_path):
     from musiclm.data import storage
     from musiclm.data.shards import read_index
+    from musiclm.testing import GROUP_DELAY_ENV
 
     out = str(tmp_path / "shards")
     args = ["ray_jobs/tokenize.py", "--manifest", env["manifest"], "--out", out, "--dataset", "toy",
             "--config", env["config"], "--clips-per-shard", "1", "--workers", "1"]
-    proc = subprocess.Popen([sys.executable, *args, "--test-group-delay", "1.0"], cwd=REPO, env=env["head"].env(),
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env={**env["head"].env(), GROUP_DELAY_ENV: "1.0"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     groups_dir = None
     deadline = time.time() + 180

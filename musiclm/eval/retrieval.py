@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
@@ -37,7 +36,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from musiclm.logs import get_logger
+
+log = get_logger(__name__)
 
 __all__ = ["load_embedder", "load_items", "retrieval_metrics", "tempo_probe", "quantizer_report",
            "plot_similarity",

@@ -1,0 +1,140 @@
+"""``run_job()``: the driver every Ray job in this folder runs.
+
+Parse the common arguments (+ the job's own), set up logging, load the YAML config (``base:``
+files, ``--set`` overrides), let the job work out what to compute (``setup``), plan groups of clips
+(resuming a shard job's folder), start or join Ray, stream the groups through decode -> the job's
+own stages (``stages``) with progress lines, then let the job write its outputs (``complete``)
+and print the one-line JSON summary it returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from musiclm.logs import get_logger, setup_logging
+from musiclm.testing import group_delay_seconds
+
+from ray_jobs import job_args
+from ray_jobs.cluster import init_ray, worker_plan
+from ray_jobs.output import Progress, print_summary
+from ray_jobs.plan import WorkState, make_plan, pending_groups
+from ray_jobs.stages import decode_group, groups_dataset, unpack_arrays
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Job:
+    """A job's run: what ``setup`` decides, what ``run_job`` plans and runs, what ``complete`` reads."""
+
+    name: str
+    args: argparse.Namespace
+    cfg: dict
+    parser: argparse.ArgumentParser
+    t_start: float
+    shard_job: bool
+    # set by setup()
+    sample_rate: int = 24000
+    segment_seconds: float = 10.0
+    grid_seconds: float = 0.0
+    min_seconds: float = 1.0
+    params: dict = field(default_factory=dict)  # shard jobs: part of the plan hash
+    out_dir: str | None = None  # shard jobs: the shard folder (its _groups/ holds the resume state)
+    describe: str = ""  # fitting jobs: what is computed, for the first log line
+    data: dict = field(default_factory=dict)  # anything else the job's callbacks share
+    # set by run_job()
+    groups: list = field(default_factory=list)
+    plan_errors: list = field(default_factory=list)
+    plan: dict = field(default_factory=dict)
+    state: WorkState | None = None
+    pending: list = field(default_factory=list)
+    ray_info: dict = field(default_factory=lambda: {"mode": "none"})
+    progress: Progress | None = None
+    group_delay: float = 0.0
+    records: list[dict] = field(default_factory=list)  # fitting jobs: one per group
+    arrays: list[dict[str, np.ndarray]] = field(default_factory=list)  # fitting jobs: what each group returned
+    _wp: dict | None = None
+
+    def worker_plan(self) -> dict:
+        """Actor pool size and resources (computed once, after Ray started)."""
+        if self._wp is None:
+            self._wp = worker_plan(self.args, self.ray_info)
+        return self._wp
+
+
+def run_job(name: str, doc: str, argv: list[str] | None, *, setup: Callable[[Job], None],
+            stages: Callable[[Job, Any], Any], complete: Callable[[Job], dict],
+            add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+            shard_clips: int | None = None) -> dict:
+    """Run a job (see the module docstring); returns the summary it printed.
+
+    ``shard_clips`` set: a shard job (``--out`` root, ``--clips-per-shard`` defaulting to it, resume
+    from the folder ``setup`` puts in ``job.out_dir``; ``stages`` ends with rows ``{"record"}``).
+    Otherwise a fitting job (``--clips-per-task``; ``stages`` ends with rows ``{"record", "arrays"}``
+    collected into ``job.records`` / ``job.arrays``)."""
+    p = job_args.base_parser(doc.split("\n\n")[0])
+    if shard_clips is not None:
+        job_args.add_shard_args(p, default_clips=shard_clips)
+    else:
+        job_args.add_fit_args(p)
+    if add_arguments is not None:
+        add_arguments(p)
+    args = p.parse_args(argv)
+    setup_logging()
+    job = Job(name=name, args=args, cfg={}, parser=p, t_start=time.time(), shard_job=shard_clips is not None,
+              group_delay=group_delay_seconds())
+    job.cfg = job_args.load_config(args.config, args.set)
+    setup(job)
+
+    per_group = args.clips_per_shard if job.shard_job else args.clips_per_task
+    job.groups, job.plan_errors, job.plan = make_plan(args, name, job.params, clips_per_group=per_group)
+    if job.shard_job:
+        job.state = WorkState(job.out_dir)
+        resumed = job.state.check_plan(job.plan, args.overwrite)
+        job.pending = pending_groups(job.groups, job.state, retry_failed=args.retry_failed)
+        log.info(f"[{name}] {job.plan['clips']} clips in {len(job.groups)} groups -> {job.out_dir}"
+                 + (f" (resuming: {len(job.groups) - len(job.pending)} groups already done)" if resumed else ""))
+    else:
+        job.pending = list(job.groups)
+        log.info(f"[{name}] {job.plan['clips']} clips ({len(job.groups)} tasks), {job.describe}")
+
+    if job.pending or not job.shard_job:  # a fitting job always runs (an empty plan fails in complete)
+        job.ray_info = init_ray(args)
+        job.progress = Progress(name, len(job.pending), sum(len(g.clips) for g in job.pending))
+        ds = groups_dataset(job.pending).map(
+            decode_group, num_cpus=args.task_cpus,
+            fn_kwargs=dict(sample_rate=job.sample_rate, segment_seconds=job.segment_seconds,
+                           grid_seconds=job.grid_seconds, min_seconds=job.min_seconds))
+        ds = stages(job, ds)
+        if job.shard_job:
+            run_pipeline(ds, job.progress)
+        else:
+            job.records, job.arrays = collect_groups(ds, job.progress)
+    summary = complete(job)
+    print_summary(summary)
+    return summary
+
+
+def run_pipeline(ds, progress: Progress) -> None:
+    """Stream the final stage's rows ({"record": JSON}) and report progress."""
+    for row in ds.iter_rows():
+        progress.update(json.loads(row["record"]))
+    progress.stop()
+
+
+def collect_groups(ds, progress: Progress) -> tuple[list[dict], list[dict[str, np.ndarray]]]:
+    """Stream rows {"record": JSON, "arrays": npz} of a fitting pipeline -> (records, arrays)."""
+    records, arrays = [], []
+    for row in ds.iter_rows():
+        rec = json.loads(row["record"])
+        progress.update(rec)
+        records.append(rec)
+        arrays.append(unpack_arrays(row["arrays"]))
+    progress.stop()
+    return records, arrays
