@@ -47,6 +47,7 @@ import torch
 
 from .data import storage
 from .kmeans import fit_kmeans
+from .registry import Registry
 from .fingerprint import (canonical_json, config_sha256, hf_config_dict, make_fingerprint, preprocessor_config_dict,
                           state_dict_sha256)
 from .tensors import as_batch, dtype_name, resolve_torch_dtype
@@ -108,24 +109,17 @@ def pool_frames_by_time(frames: torch.Tensor, frame_seconds: float, num_frames: 
     return torch.einsum("tn,bnc->btc", w, frames.float()).to(frames.dtype)
 
 
-_FEATURES: dict[str, type["SemanticFeatures"]] = {}
+FEATURES: Registry[type["SemanticFeatures"]] = Registry("semantic feature")
 
 
 def register_features(name: str):
     """Class decorator: make a :class:`SemanticFeatures` subclass the ``type: name`` of the config."""
-
-    def deco(cls: type["SemanticFeatures"]) -> type["SemanticFeatures"]:
-        if name in _FEATURES:
-            raise ValueError(f"semantic feature type {name!r} is already registered ({_FEATURES[name].__name__})")
-        _FEATURES[name] = cls
-        return cls
-
-    return deco
+    return FEATURES.register(name)
 
 
 def feature_types() -> tuple[str, ...]:
     """Registered feature types, in registration order."""
-    return tuple(_FEATURES)
+    return FEATURES.names()
 
 
 class SemanticFeatures:
@@ -156,9 +150,9 @@ class SemanticFeatures:
 
     def __new__(cls, type: str = "mfcc", *args: Any, **kwargs: Any) -> "SemanticFeatures":
         if cls is SemanticFeatures:
-            if type not in _FEATURES:
+            if type not in FEATURES:
                 raise ValueError(f"semantic feature type must be one of {feature_types()}, got {type!r}")
-            cls = _FEATURES[type]
+            cls = FEATURES.get(type)
         return super().__new__(cls)
 
     def __init__(

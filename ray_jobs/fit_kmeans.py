@@ -30,7 +30,7 @@ from musiclm.data import segments as S  # noqa: E402
 from ray_jobs.cluster import resolve_device  # noqa: E402
 from ray_jobs.job import Job, run_job  # noqa: E402
 from ray_jobs.job_args import tokenizers_section  # noqa: E402
-from ray_jobs.output import errors_url, fit_summary, save_file_output, write_errors  # noqa: E402
+from ray_jobs.output import save_file_output  # noqa: E402
 from ray_jobs.stages import actor_stage, actor_stamp, fit_record, pack_arrays, segment_batches, unpack_arrays  # noqa: E402
 
 
@@ -144,13 +144,9 @@ def _complete(job: Job) -> dict:
     centroids = fit_kmeans([x], n_clusters=job.data["clusters"], seed=args.seed)
     fit_s = time.time() - t_fit
     save_file_output(out, lambda path: save_centroids(path, centroids, job.data["feats"].config()))
-    errors = job.plan_errors + [e for r in job.records for e in r["errors"]]
-    errors_file = errors_url(out)
-    write_errors(errors_file, errors)
-    summary = fit_summary("fit_kmeans", out, job.records, errors, job.progress, job.worker_plan(), job.ray_info,
-                          job.t_start)
+    summary = job.fit_summary(out)
     summary.update(frames=int(len(x)), clusters=int(centroids.shape[0]), dim=int(centroids.shape[1]),
-                   fit_s=round(fit_s, 3), errors_file=errors_file)
+                   fit_s=round(fit_s, 3))
     return summary
 
 

@@ -31,7 +31,7 @@ from musiclm.logs import get_logger  # noqa: E402
 from ray_jobs.cluster import resolve_device  # noqa: E402
 from ray_jobs.job import Job, run_job  # noqa: E402
 from ray_jobs.job_args import tokenizers_section  # noqa: E402
-from ray_jobs.output import errors_url, fit_summary, save_dir_output, write_errors  # noqa: E402
+from ray_jobs.output import save_dir_output  # noqa: E402
 from ray_jobs.stages import actor_stage, actor_stamp, fit_record, pack_arrays, segment_batches, unpack_arrays  # noqa: E402
 
 log = get_logger("ray_jobs.fit_quantizer")
@@ -128,13 +128,9 @@ def _complete(job: Job) -> dict:
         quant.fit(x, seed=args.seed, max_samples=args.max_samples)
     fit_s = time.time() - t_fit
     save_dir_output(out, quant.save)
-    errors = job.plan_errors + [e for r in job.records for e in r["errors"]]
-    errors_file = errors_url(out)
-    write_errors(errors_file, errors)
-    summary = fit_summary("fit_quantizer", out, job.records, errors, job.progress, job.worker_plan(), job.ray_info,
-                          job.t_start)
+    summary = job.fit_summary(out)
     cos = quant.reconstruction_cosine(x[: min(len(x), 2048)])
-    summary.update(embeddings=int(len(x)), dim=int(x.shape[1]), fit_s=round(fit_s, 3), errors_file=errors_file,
+    summary.update(embeddings=int(len(x)), dim=int(x.shape[1]), fit_s=round(fit_s, 3),
                    levels=int(quant.levels), codebook_size=int(quant.codebook_size),
                    reconstruction_cosine={k: round(float(v), 4) for k, v in cos.items()},
                    fingerprint_weights_sha256=quant.fingerprint().get("weights_sha256"))

@@ -22,7 +22,7 @@ from musiclm.testing import group_delay_seconds
 
 from ray_jobs import job_args
 from ray_jobs.cluster import init_ray, worker_plan
-from ray_jobs.output import Progress, print_summary
+from ray_jobs.output import Progress, errors_url, fit_summary, print_summary, write_errors
 from ray_jobs.plan import WorkState, make_plan, pending_groups
 from ray_jobs.stages import decode_group, groups_dataset, unpack_arrays
 
@@ -66,6 +66,16 @@ class Job:
         if self._wp is None:
             self._wp = worker_plan(self.args, self.ray_info)
         return self._wp
+
+    def fit_summary(self, out: str) -> dict:
+        """A fitting job's end: failed clips into ``<out>.errors.jsonl``, then its summary."""
+        errors = self.plan_errors + [e for r in self.records for e in r["errors"]]
+        errors_file = errors_url(out)
+        write_errors(errors_file, errors)
+        summary = fit_summary(self.name, out, self.records, errors, self.progress, self.worker_plan(), self.ray_info,
+                              self.t_start)
+        summary["errors_file"] = errors_file
+        return summary
 
 
 def run_job(name: str, doc: str, argv: list[str] | None, *, setup: Callable[[Job], None],

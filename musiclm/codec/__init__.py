@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..registry import Registry
 from .base import AcousticTokenizer
 from .encodec import EncodecTokenizer, random_encodec_24khz
 
@@ -23,24 +24,17 @@ __all__ = [
 ]
 
 # type -> builder(cfg without "type", device) -> AcousticTokenizer
-_ACOUSTIC: dict[str, Callable[[dict, str], AcousticTokenizer]] = {}
+ACOUSTIC: Registry[Callable[[dict, str], AcousticTokenizer]] = Registry("acoustic tokenizer")
 
 
 def register_acoustic(name: str):
     """Decorator: ``builder(cfg: dict, device: str) -> AcousticTokenizer`` becomes ``type: name``."""
-
-    def deco(builder: Callable[[dict, str], AcousticTokenizer]) -> Callable[[dict, str], AcousticTokenizer]:
-        if name in _ACOUSTIC:
-            raise ValueError(f"acoustic tokenizer type {name!r} is already registered")
-        _ACOUSTIC[name] = builder
-        return builder
-
-    return deco
+    return ACOUSTIC.register(name)
 
 
 def acoustic_types() -> tuple[str, ...]:
     """Registered acoustic tokenizer types."""
-    return tuple(_ACOUSTIC)
+    return ACOUSTIC.names()
 
 
 @register_acoustic("encodec")
@@ -53,6 +47,4 @@ def build_acoustic(cfg: dict, device: str = "cpu") -> AcousticTokenizer:
     """Acoustic tokenizer from a config section (``type`` defaults to ``encodec``)."""
     cfg = dict(cfg)
     kind = cfg.pop("type", "encodec")
-    if kind not in _ACOUSTIC:
-        raise ValueError(f"unknown acoustic tokenizer type {kind!r} (known: {', '.join(_ACOUSTIC)})")
-    return _ACOUSTIC[kind](cfg, device)
+    return ACOUSTIC.get(kind)(cfg, device)

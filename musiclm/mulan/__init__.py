@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..quantize import MuLaNEmbedQuantizer, ResidualVQ
+from ..registry import Registry
 from .clap import ClapEmbedder
 from .embedder import AudioTextEmbedder, window_spans
 
@@ -31,24 +32,17 @@ __all__ = [
 ]
 
 # type -> builder(cfg without "type" and "device", device) -> AudioTextEmbedder
-_EMBEDDERS: dict[str, Callable[[dict, str], AudioTextEmbedder]] = {}
+EMBEDDERS: Registry[Callable[[dict, str], AudioTextEmbedder]] = Registry("MuLaN embedder")
 
 
 def register_embedder(name: str):
     """Decorator: ``builder(cfg: dict, device: str) -> AudioTextEmbedder`` becomes ``type: name``."""
-
-    def deco(builder: Callable[[dict, str], AudioTextEmbedder]) -> Callable[[dict, str], AudioTextEmbedder]:
-        if name in _EMBEDDERS:
-            raise ValueError(f"MuLaN embedder type {name!r} is already registered")
-        _EMBEDDERS[name] = builder
-        return builder
-
-    return deco
+    return EMBEDDERS.register(name)
 
 
 def embedder_types() -> tuple[str, ...]:
     """Registered audio/text embedder types."""
-    return tuple(_EMBEDDERS)
+    return EMBEDDERS.names()
 
 
 @register_embedder("clap")
@@ -72,6 +66,4 @@ def build_embedder(cfg: dict, device: str = "cpu") -> AudioTextEmbedder:
     cfg = dict(cfg)
     kind = cfg.pop("type", "clap")
     device = cfg.pop("device", device)
-    if kind not in _EMBEDDERS:
-        raise ValueError(f"unknown MuLaN embedder type {kind!r} (known: {', '.join(_EMBEDDERS)})")
-    return _EMBEDDERS[kind](cfg, device)
+    return EMBEDDERS.get(kind)(cfg, device)
