@@ -56,12 +56,11 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> dict:
     """The job's YAML (local or s3://) with `base:` files and --set overrides (musiclm.config)."""
-    from musiclm.config import ConfigError
-    from musiclm.config import load_config as _load
+    from musiclm import config
 
     try:
-        return _load(path, overrides)
-    except ConfigError as e:
+        return config.load_config(path, overrides)
+    except config.ConfigError as e:
         raise SystemExit(str(e)) from None
 
 
