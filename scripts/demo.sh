@@ -18,7 +18,11 @@ DATA=data/rapbeats
 MODELS=models/demo
 TOK=launch/configs/demo/tokenizers.yaml
 SECONDS=0
-step() { printf '\n=== [%4ds] %s\n' "$SECONDS" "$*"; }
+TIMES=runs/demo/timings.tsv  # wall time of every step, for the table at the end
+mkdir -p runs/demo && : > "$TIMES"
+CURRENT="" T0=0
+close_step() { [ -z "$CURRENT" ] || printf '%s\t%d\n' "${CURRENT%%:*}" $((SECONDS - T0)) >> "$TIMES"; }
+step() { close_step; CURRENT="$*" T0=$SECONDS; printf '\n=== [%4ds] %s\n' "$SECONDS" "$*"; }
 train() {  # train STAGE CONFIG NPROC RUN_DIR [ARGS...]: the real deepspeed launcher
   local stage=$1 config=$2 nproc=$3 run_dir=$4; shift 4
   deepspeed --num_gpus "$nproc" --master_port $((29500 + RANDOM % 1000)) launch/train.py \
@@ -74,4 +78,8 @@ for stage in semantic coarse fine; do
   echo "loss curves: $RUNS/$stage/loss.png"
 done
 
-step "done in ${SECONDS}s: tensorboard --logdir runs/demo"
+close_step
+printf '\n=== [%4ds] done: wall time and steps per model\n' "$SECONDS"
+python -m musiclm.train.report --timings "$TIMES" runs/demo/mulan "$RUNS/semantic" "$RUNS/coarse" "$RUNS/fine" \
+  | tee runs/demo/summary.md
+echo "tensorboard --logdir runs/demo"
