@@ -128,14 +128,14 @@ def make_tiny_encodec(directory: str, seed: int = 0) -> str:
     import torch
     from transformers import EncodecConfig, EncodecModel
 
-    from musiclm.codec.encodec import _randomize_codebooks
+    from musiclm.codec.encodec import randomize_codebooks
 
     torch.manual_seed(seed)
     config = EncodecConfig(target_bandwidths=[1.5, 3.0, 6.0], sampling_rate=24_000, hidden_size=16, num_filters=4,
                            num_residual_layers=1, upsampling_ratios=[8, 5, 4, 2], num_lstm_layers=1,
                            codebook_size=1024, codebook_dim=16)
     model = EncodecModel(config).eval()
-    _randomize_codebooks(model, seed, scale=0.3)
+    randomize_codebooks(model, seed, scale=0.3)
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     return directory

@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from musiclm.codec.encodec import _randomize_codebooks, random_encodec_24khz
+from musiclm.codec.encodec import randomize_codebooks, random_encodec_24khz
 
 __all__ = [
     "make_tiny_clap",
@@ -56,7 +56,7 @@ def make_tiny_encodec(directory, seed: int = 0, target_bandwidths=(1.5, 3.0, 6.0
         codebook_dim=16,
     )
     model = EncodecModel(config).eval()
-    _randomize_codebooks(model, seed, scale=0.3)
+    randomize_codebooks(model, seed, scale=0.3)
     directory = _prep(directory)
     model.save_pretrained(directory)
     return directory

@@ -22,7 +22,7 @@ import torch
 from ..fingerprint import hf_config_dict, make_fingerprint, state_dict_sha256
 from ..tensors import as_batch, dtype_name, resolve_torch_dtype
 
-__all__ = ["EncodecTokenizer", "random_encodec_24khz"]
+__all__ = ["EncodecTokenizer", "random_encodec_24khz", "randomize_codebooks"]
 
 
 class EncodecTokenizer:
@@ -217,7 +217,7 @@ class EncodecTokenizer:
         return f"EncodecTokenizer({self.model_id!r}, bandwidth={self.bandwidth})"
 
 
-def _randomize_codebooks(model, seed: int, scale: float = 1.0) -> None:
+def randomize_codebooks(model, seed: int, scale: float = 1.0) -> None:
     """EnCodec initialises codebooks to zeros (every code would be 0): fill them with noise."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -239,7 +239,7 @@ def random_encodec_24khz(directory: str | os.PathLike, seed: int = 0) -> str:
     torch.manual_seed(seed)
     config = EncodecConfig()  # defaults == facebook/encodec_24khz config.json
     model = EncodecModel(config).eval()
-    _randomize_codebooks(model, seed)
+    randomize_codebooks(model, seed)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
