@@ -25,7 +25,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "deep_merge", "apply_overrides", "load_config", "load_yaml", "section",
+__all__ = ["ConfigError", "deep_merge", "apply_overrides", "load_config", "load_yaml", "load_json", "section",
            "check_keys", "require", "add_set_argument", "dump_config"]
 
 T = TypeVar("T")
@@ -70,28 +70,48 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
     return cfg
 
 
-def load_yaml(path: str) -> dict:
-    """One YAML mapping from a file (an empty file is {}), with the file named in any error."""
-    import yaml
-
+def _read_mapping(path: str, parse, what: str) -> dict:
+    """``parse(text)`` of a local or fsspec (s3://...) file, as a mapping; errors name the file."""
     try:
         if "://" in path:  # s3://... configs for cluster jobs
             from musiclm.data import storage
 
             with storage.open_file(path, "rb") as f:
-                data = yaml.safe_load(f.read())
+                text = f.read().decode()
         else:
             with open(path) as f:
-                data = yaml.safe_load(f)
+                text = f.read()
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{what} not found: {path}") from None
+    try:
+        data = parse(text)
+    except ValueError as e:  # yaml.YAMLError and json.JSONDecodeError are ValueErrors here
+        raise ConfigError(f"{path}: not valid {what}: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a {what} must be a mapping of keys, got {type(data).__name__}")
     return data
+
+
+def load_yaml(path: str) -> dict:
+    """One YAML mapping from a file (an empty file is {}), with the file named in any error."""
+    import yaml
+
+    def parse(text):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(str(e)) from None
+
+    return _read_mapping(path, parse, "YAML config")
+
+
+def load_json(path: str) -> dict:
+    """One JSON mapping from a file (e.g. a DeepSpeed config), with the file named in any error."""
+    import json
+
+    return _read_mapping(path, json.loads, "JSON config")
 
 
 def _load_with_bases(path: str, seen: tuple[str, ...]) -> dict:

@@ -24,11 +24,10 @@ batch >= 1), in the YAML and in the DeepSpeed keys we read.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigError, check_keys, deep_merge, require, section
+from ..config import ConfigError, check_keys, deep_merge, load_json, require, section
 
 __all__ = ["TrainConfig", "DataConfig", "ENGINE_KEYS", "check_run_config", "load_ds_config", "check_ds_config"]
 
@@ -133,13 +132,7 @@ def load_ds_config(path: str | dict | None, cfg: dict | None = None) -> dict:
         ds = copy.deepcopy(path)
     elif path:
         where = str(path)
-        try:
-            with open(path) as f:
-                ds = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"DeepSpeed config not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON: {e}") from None
+        ds = load_json(path)
     else:
         ds = copy.deepcopy(DEFAULT_DS_CONFIG)
     overrides = (cfg or {}).get("deepspeed") or {}
