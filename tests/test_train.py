@@ -518,3 +518,29 @@ def test_config_typo_on_the_command_line_stops_the_launcher(tmp_path, shards):
     text = read_log(run_dir + ".log")
     assert rc != 0 and "unknown key 'max_stpes'" in text and "did you mean 'max_steps'" in text, text[-3000:]
     assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
+
+
+@slow
+def test_budget_counts_training_time_and_nothing_is_compiled(tmp_path, shards):
+    """train.max_minutes is training time from the first step (start-up, seconds here, is logged
+    apart), and a CPU run JIT-compiles nothing (the suite's TORCH_EXTENSIONS_DIR stays empty)."""
+    from train_utils import compiled_ops
+
+    run_dir = str(tmp_path / "budget")
+    extra = ["--set", "train.max_minutes=0.1", "train.max_steps=100000", "train.eval_every=0",
+             "train.checkpoint_every=0"]
+    rc = launch(1, train_args("semantic", run_dir, shards, "cpu", extra), run_dir + ".log")
+    text = read_log(run_dir + ".log")
+    assert rc == 0, text[-3000:]
+    assert "stopped: max_minutes" in text
+    recs = metrics(run_dir)
+    startup = next(r for r in recs if "startup/process_to_first_step_s" in r)
+    steps = [r for r in recs if "train/loss" in r]
+    # 6 s of training: far more than the one step a budget counted from process start allowed
+    assert len(steps) >= 20, len(steps)
+    assert steps[-1]["time"] - steps[0]["time"] == pytest.approx(6.0, abs=3.0)
+    assert startup["startup/process_to_first_step_s"] > 0 and "startup/deepspeed_initialize_s" in startup
+    info = json.load(open(os.path.join(run_dir, "startup.json")))
+    assert info["first_step_end_unix"] > info["process_start_unix"]
+    assert "Building extension" not in text and compiled_ops() == [], compiled_ops()
+    assert "optimizer DeepSpeedZeroOptimizer(AdamW)" in text

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 
@@ -60,11 +61,25 @@ def unigram_entropy(shard_dir: str, stage: str) -> float:
     return -sum(c / n * math.log(c / n) for c in counts.values())
 
 
+# Every launcher run of the suite builds JIT ops (if it needed any) here, not in a cache shared with
+# earlier runs: a newcomer's machine has none, and tests assert this folder stays empty.
+TORCH_EXTENSIONS_DIR = tempfile.mkdtemp(prefix="musiclm-torch-ext-")
+
+
 def env() -> dict:
     e = dict(os.environ)
     e.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
+              "TORCH_EXTENSIONS_DIR": TORCH_EXTENSIONS_DIR,
               "PYTHONPATH": ROOT + os.pathsep + e.get("PYTHONPATH", "")})
     return e
+
+
+def compiled_ops() -> list[str]:
+    """JIT-compiled extension folders the suite's launcher runs created (should be none)."""
+    out = []
+    for root, dirs, files in os.walk(TORCH_EXTENSIONS_DIR):
+        out += [os.path.join(root, f) for f in files if f.endswith((".so", ".o", "build.ninja"))]
+    return out
 
 
 def train_args(stage: str, run_dir: str, shards: str, ds: str = "zero2", extra: list[str] | None = None) -> list[str]:
