@@ -6,9 +6,13 @@
   (for the MuLaN quantizer this is the whole training);
 * ``encode`` / ``decode`` map ``[..., D]`` vectors to ``[..., levels]`` int64 codes and back
   (``decode`` of the first ``k`` levels gives the coarser reconstruction);
-* ``forward(x)`` is the training path for a codec: straight-through quantized output, codes and
-  the commitment loss, with optional EMA codebook updates (``ema_decay``), averaged over ranks when
-  ``torch.distributed`` is initialised.
+* ``forward(x, n_quantizers=None)`` is the training path for a codec: straight-through quantized
+  output, codes and the commitment loss, with the codec's training machinery, each off unless
+  asked for: EMA codebook updates (``ema_decay``, averaged over ranks when ``torch.distributed`` is
+  initialised), k-means initialisation from the first batches (``kmeans_init``), dead-code restart
+  (``dead_code_threshold``, restarts counted per level), quantizer dropout (``quantizer_dropout``;
+  an explicit ``n_quantizers`` is honoured in training mode too) and per-level codebook usage
+  (``stats["perplexity"]``).
 
 When a level is fitted on fewer vectors than ``codebook_size`` the number of used codes is clipped
 to the number of vectors (``n_codes`` buffer) and a warning says so; ids stay in
@@ -64,8 +68,27 @@ class ResidualVQ(nn.Module):
         dim: vector size D.
         levels: number of residual levels.
         codebook_size: codes per level.
-        ema_decay: if set, ``forward`` in training mode updates the codebooks with EMA k-means.
+        ema_decay: if set, ``forward`` in training mode updates the codebooks with EMA k-means
+            (counts and sums averaged over ranks when ``torch.distributed`` is initialised).
         eps: Laplace smoothing for EMA cluster sizes.
+        kmeans_init: ``forward`` in training mode k-means-initialises the codebooks (:meth:`fit`)
+            on the vectors of its first ``kmeans_init_batches`` batches while ``fitted`` is false
+            (rank 0 fits, the codebooks are broadcast to every rank).
+        kmeans_init_batches: batches collected before that fit (the codes of those batches come
+            from the random initial codebooks).
+        kmeans_iters: k-means iterations of that fit.
+        dead_code_threshold: with ``ema_decay``: after each EMA update, a code whose EMA cluster
+            size fell below this is replaced by a random vector of the current batch's residual
+            at that level (rank 0 picks, broadcast); restarts are counted per level (``restarts``
+            buffer, cumulative; ``stats["restarts"]`` of the last call). 0 disables.
+        quantizer_dropout: probability that a training batch element uses only the first ``n``
+            levels, ``n`` uniform in ``1..levels`` (SoundStream's quantizer dropout: one model
+            serves every bitrate). An explicit ``n_quantizers`` in :meth:`forward` wins, in
+            training mode too.
+
+    Buffers beyond ``codebooks``, ``n_codes`` and ``fitted`` exist only when their feature is on
+    (``cluster_size``/``embed_sum`` with EMA, ``restarts`` with dead-code restart), so quantizers
+    without those features (the MuLaN quantizer) keep their state dict and fingerprint.
     """
 
     def __init__(
@@ -76,32 +99,62 @@ class ResidualVQ(nn.Module):
         *,
         ema_decay: float | None = None,
         eps: float = 1e-5,
+        kmeans_init: bool = False,
+        kmeans_init_batches: int = 1,
+        kmeans_iters: int = 50,
+        dead_code_threshold: float = 0.0,
+        quantizer_dropout: float = 0.0,
     ):
         super().__init__()
         if dim < 1 or levels < 1 or codebook_size < 1:
             raise ValueError("dim, levels and codebook_size must be >= 1")
+        if dead_code_threshold and ema_decay is None:
+            raise ValueError("dead_code_threshold needs ema_decay (dead codes are found from EMA cluster sizes)")
+        if not 0.0 <= quantizer_dropout <= 1.0:
+            raise ValueError(f"quantizer_dropout must be in [0, 1], got {quantizer_dropout}")
         self.dim = int(dim)
         self.levels = int(levels)
         self.codebook_size = int(codebook_size)
         self.ema_decay = ema_decay
         self.eps = eps
+        self.kmeans_init = bool(kmeans_init)
+        self.kmeans_init_batches = max(1, int(kmeans_init_batches))
+        self.kmeans_iters = int(kmeans_iters)
+        self.dead_code_threshold = float(dead_code_threshold)
+        self.quantizer_dropout = float(quantizer_dropout)
+        self.sync = True  # all-reduce EMA statistics / broadcast inits when torch.distributed is up
         self.register_buffer("codebooks", torch.randn(levels, codebook_size, dim) * 0.02)
         self.register_buffer("n_codes", torch.full((levels,), codebook_size, dtype=torch.long))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         if ema_decay is not None:
             self.register_buffer("cluster_size", torch.ones(levels, codebook_size))
             self.register_buffer("embed_sum", self.codebooks.clone())
+        if self.dead_code_threshold > 0:
+            self.register_buffer("restarts", torch.zeros(levels, dtype=torch.long))
+        self._init_buffer: list[torch.Tensor] = []
+        self.stats: dict[str, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, levels={self.levels}, codebook_size={self.codebook_size}, ema_decay={self.ema_decay}"
+        return (f"dim={self.dim}, levels={self.levels}, codebook_size={self.codebook_size}, "
+                f"ema_decay={self.ema_decay}, kmeans_init={self.kmeans_init}, "
+                f"dead_code_threshold={self.dead_code_threshold}, quantizer_dropout={self.quantizer_dropout}")
 
     def config(self) -> dict:
-        return {
+        cfg = {
             "dim": self.dim,
             "levels": self.levels,
             "codebook_size": self.codebook_size,
             "ema_decay": self.ema_decay,
         }
+        # training-only options: listed only when used, so existing configs (and hashes) stay the same
+        if self.kmeans_init:
+            cfg.update(kmeans_init=True, kmeans_init_batches=self.kmeans_init_batches,
+                       kmeans_iters=self.kmeans_iters)
+        if self.dead_code_threshold:
+            cfg["dead_code_threshold"] = self.dead_code_threshold
+        if self.quantizer_dropout:
+            cfg["quantizer_dropout"] = self.quantizer_dropout
+        return cfg
 
     # ------------------------------------------------------------------ fitting
     @torch.no_grad()
@@ -187,44 +240,168 @@ class ResidualVQ(nn.Module):
             out = out + self.codebooks[level][codes[..., level]]
         return out
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, n_quantizers: int | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training path: ``x [..., D]`` -> (straight-through quantized ``[..., D]``, codes ``[..., levels]``,
-        commitment loss = sum over levels of MSE(residual, codeword)). EMA-updates codebooks when
-        ``ema_decay`` is set and the module is training."""
+        commitment loss = sum over levels of MSE(residual, codeword), over the vectors that use the level).
+
+        ``n_quantizers``: levels used, an int or an int tensor broadcastable to ``x.shape[:-1]``
+        (one count per vector, e.g. per batch element); honoured in training and eval mode. When
+        None and the module is training with ``quantizer_dropout``, each element of the leading
+        (batch) dimension draws its own count. Codes of every level are returned either way.
+
+        In training mode: k-means initialisation on the first batches (``kmeans_init``), EMA
+        codebook updates (``ema_decay``; only from vectors that use the level), dead-code restarts
+        (``dead_code_threshold``). ``self.stats`` then holds per-level tensors ``perplexity`` (codebook
+        usage of this call: exp of the entropy of the code histogram, all ranks), ``restarts`` (this
+        call), ``used`` (vectors that used the level) and ``n_quantizers`` (mean levels used)."""
         shape = x.shape[:-1]
         flat = x.reshape(-1, self.dim)
+        if self.training and self.kmeans_init and not bool(self.fitted):
+            self._collect_init(flat)
+        nq = self._levels_per_vector(shape, n_quantizers, flat.device)  # [N] long or None (all)
         residual = flat
         quantized = torch.zeros_like(flat)
         codes = []
         loss = flat.new_zeros(())
+        perplexity = torch.zeros(self.levels)
+        restarts = torch.zeros(self.levels, dtype=torch.long)
+        used = torch.zeros(self.levels)
         for level in range(self.levels):
             r = residual.detach()
             idx = self._nearest(r, level)
-            if self.training and self.ema_decay is not None:
-                self._ema_update(level, r, idx)
+            mask = None if nq is None else nq > level
+            counts = self._counts(idx, mask)
+            if self.training:
+                if self.ema_decay is not None:
+                    self._ema_update(level, r if mask is None else r[mask], counts,
+                                     idx if mask is None else idx[mask])
+                    if self.dead_code_threshold > 0:
+                        restarts[level] = self._restart_dead(level, r if mask is None else r[mask])
+            total = counts.sum()
+            used[level] = float(total)
+            if total > 0:
+                p = counts / total
+                perplexity[level] = float(torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum()))
             q = self.codebooks[level].to(flat.dtype)[idx]
-            loss = loss + F.mse_loss(residual, q.detach())
+            if mask is None:
+                loss = loss + F.mse_loss(residual, q.detach())
+                quantized = quantized + q
+            else:
+                m = mask.to(flat.dtype)[:, None]
+                denom = (m.sum() * self.dim).clamp_min(1.0)
+                loss = loss + ((residual - q.detach()) ** 2 * m).sum() / denom
+                quantized = quantized + q * m
             residual = residual - q.detach()
-            quantized = quantized + q
             codes.append(idx)
         out = flat + (quantized - flat).detach()
+        self.stats = {"perplexity": perplexity, "restarts": restarts, "used": used,
+                      "n_quantizers": torch.tensor(float(self.levels) if nq is None else float(nq.float().mean()))}
         return out.reshape(*shape, self.dim), torch.stack(codes, -1).reshape(*shape, self.levels), loss
 
+    # ------------------------------------------------------------------ training helpers
+    def _levels_per_vector(self, shape: torch.Size, n_quantizers, device) -> torch.Tensor | None:
+        """Levels used by each of the flattened vectors (None: all levels for every vector)."""
+        n = int(np.prod(shape)) if len(shape) else 1
+        if n_quantizers is None:
+            if not (self.training and self.quantizer_dropout > 0) or len(shape) == 0:
+                return None
+            b = shape[0]
+            drop = torch.rand(b) < self.quantizer_dropout
+            k = torch.randint(1, self.levels + 1, (b,))
+            per = torch.where(drop, k, torch.full((b,), self.levels))
+            return per.to(device).view(b, *([1] * (len(shape) - 1))).expand(shape).reshape(n)
+        if isinstance(n_quantizers, torch.Tensor):
+            t = n_quantizers.to(device=device, dtype=torch.long)
+            if bool((t < 1).any()) or bool((t > self.levels).any()):
+                raise ValueError(f"n_quantizers must be in 1..{self.levels}")
+            while t.dim() < len(shape):
+                t = t[..., None]
+            return t.expand(shape).reshape(n)
+        k = int(n_quantizers)
+        if not 1 <= k <= self.levels:
+            raise ValueError(f"n_quantizers must be in 1..{self.levels}, got {k}")
+        return None if k == self.levels else torch.full((n,), k, dtype=torch.long, device=device)
+
+    def _distributed(self) -> bool:
+        return bool(self.sync and torch.distributed.is_available() and torch.distributed.is_initialized()
+                     and torch.distributed.get_world_size() > 1)
+
     @torch.no_grad()
-    def _ema_update(self, level: int, r: torch.Tensor, idx: torch.Tensor) -> None:
-        onehot = F.one_hot(idx, self.codebook_size).to(torch.float32)
-        counts = onehot.sum(0)
-        sums = onehot.T @ r.float()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+    def _counts(self, idx: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        sel = idx if mask is None else idx[mask]
+        counts = torch.bincount(sel, minlength=self.codebook_size).to(torch.float32)
+        return counts
+
+    @torch.no_grad()
+    def _collect_init(self, flat: torch.Tensor) -> None:
+        """k-means initialisation from the first batches (rank 0 fits, every rank gets its codebooks)."""
+        self._init_buffer.append(flat.detach().float().cpu())
+        if len(self._init_buffer) < self.kmeans_init_batches:
+            return
+        data = torch.cat(self._init_buffer)
+        self._init_buffer = []
+        dist = self._distributed()
+        if not dist or torch.distributed.get_rank() == 0:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="ResidualVQ.fit: only")
+                self.fit(data, seed=0, max_iter=self.kmeans_iters)
+        if dist:
+            for name in ("codebooks", "n_codes"):
+                torch.distributed.broadcast(getattr(self, name), src=0)
+            if self.ema_decay is not None:
+                self.embed_sum.copy_(self.codebooks)
+                self.cluster_size.fill_(1.0)
+        self.fitted.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, level: int, r: torch.Tensor, counts: torch.Tensor, idx: torch.Tensor) -> None:
+        counts = counts.clone()
+        sums = torch.zeros(self.codebook_size, self.dim, device=r.device, dtype=torch.float32)
+        if idx.numel():
+            sums.index_add_(0, idx, r.float())
+        if self._distributed():
             torch.distributed.all_reduce(counts)
             torch.distributed.all_reduce(sums)
         decay = float(self.ema_decay)
-        self.cluster_size[level].mul_(decay).add_(counts, alpha=1 - decay)
+        self.cluster_size[level].mul_(decay).add_(counts.to(self.cluster_size.device), alpha=1 - decay)
         self.embed_sum[level].mul_(decay).add_(sums, alpha=1 - decay)
         n = self.cluster_size[level].sum()
         size = (self.cluster_size[level] + self.eps) / (n + self.codebook_size * self.eps) * n
         self.codebooks[level].copy_(self.embed_sum[level] / size[:, None])
         self.n_codes[level] = self.codebook_size
+
+    @torch.no_grad()
+    def _restart_dead(self, level: int, r: torch.Tensor) -> int:
+        """Replace codes whose EMA cluster size is below the threshold by random vectors of ``r``
+        (this level's residuals; rank 0's batch, broadcast). Returns the number replaced."""
+        dead = self.cluster_size[level] < self.dead_code_threshold
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        dist = self._distributed()
+        new = torch.zeros(n_dead, self.dim, device=self.codebooks.device)
+        if not dist or torch.distributed.get_rank() == 0:
+            if r.shape[0] == 0:  # nothing to sample from: keep the codes
+                n_ok = torch.zeros((), dtype=torch.long)
+            else:
+                pick = torch.randint(0, r.shape[0], (n_dead,), device=r.device)
+                new.copy_(r[pick].float())
+                n_ok = torch.ones((), dtype=torch.long)
+        else:
+            n_ok = torch.zeros((), dtype=torch.long)
+        if dist:
+            torch.distributed.broadcast(new, src=0)
+            torch.distributed.broadcast(n_ok, src=0)
+        if int(n_ok) == 0:
+            return 0
+        self.codebooks[level][dead] = new
+        # the restarted code counts as just-used, so its EMA centroid stays where it was put
+        self.cluster_size[level][dead] = self.dead_code_threshold
+        self.embed_sum[level][dead] = new * self.dead_code_threshold
+        self.restarts[level] += n_dead
+        return n_dead
 
     # ------------------------------------------------------------------ metrics
     @torch.no_grad()

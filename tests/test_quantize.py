@@ -177,3 +177,117 @@ def test_mulan_quantizer_outputs_and_fingerprint_are_pinned(tmp_path):
     r = MuLaNEmbedQuantizer.load(q.save(tmp_path / "q"))
     np.testing.assert_array_equal(r.encode(x), codes)
     assert canonical_hash(r.fingerprint()) == "cf935ce2220b0ff0"
+
+
+# ----------------------------------------------------------------------------- the codec's training machinery
+
+
+def _blobs(n=512, dim=8, clusters=4, noise=0.01, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(clusters, dim, generator=g) * 2
+    x = centers[torch.randint(0, clusters, (n,), generator=g)] + noise * torch.randn(n, dim, generator=g)
+    return x, centers
+
+
+def test_rvq_kmeans_init_from_the_first_batches():
+    x, _ = _blobs()
+    rvq = ResidualVQ(8, levels=2, codebook_size=8, ema_decay=0.99, kmeans_init=True, kmeans_init_batches=2)
+    rvq.train()
+
+    def rel_err():
+        return float(((rvq.decode(rvq.encode(x)) - x) ** 2).sum() / (x ** 2).sum())
+
+    before = rel_err()
+    assert not bool(rvq.fitted) and before > 0.9  # random 0.02-scale codebooks
+    rvq(x[:256])  # first batch: collected, codes from the random codebooks
+    assert not bool(rvq.fitted)
+    rvq(x[256:])  # second batch: fitted on both
+    assert bool(rvq.fitted)
+    assert rel_err() < 1e-3 and rvq.reconstruction_cosine(x) > 0.999
+    snap = rvq.codebooks.clone()
+    rvq.eval()
+    rvq(x)
+    assert torch.equal(snap, rvq.codebooks)  # nothing moves in eval mode, and no second init
+    # the options appear in the config only when used (the MuLaN quantizer's config is unchanged)
+    assert rvq.config()["kmeans_init"] is True and "kmeans_init" not in ResidualVQ(8).config()
+
+
+def test_rvq_ema_moves_codewords_to_the_cluster_means():
+    x, centers = _blobs(clusters=4, noise=0.01)
+    rvq = ResidualVQ(8, levels=1, codebook_size=4, ema_decay=0.5)
+    rvq.fit(x + 0.3)  # k-means on shifted data: every codeword off by 0.3 per dimension
+    off = torch.cdist(rvq.codebooks[0], centers).min(1).values
+    assert float(off.min()) > 0.5
+    rvq.train()
+    for _ in range(30):
+        rvq(x)
+    err = torch.cdist(rvq.codebooks[0], centers).min(1).values
+    assert float(err.max()) < 0.05, err
+    assert rvq.stats["perplexity"].shape == (1,) and 3.5 < float(rvq.stats["perplexity"][0]) <= 4.0
+
+
+def test_rvq_dead_code_restart_counts_and_revives_codes():
+    x, centers = _blobs(clusters=4, noise=0.05)
+    rvq = ResidualVQ(8, levels=2, codebook_size=16, ema_decay=0.8, dead_code_threshold=0.5)
+    rvq.fit(x)
+    with torch.no_grad():  # 12 of 16 level-1 codes far from any data: never chosen, they die
+        rvq.codebooks[0, 4:] = 100.0
+        rvq.embed_sum[0, 4:] = 100.0
+        rvq.codebooks[0, :4] = centers
+        rvq.embed_sum[0, :4] = centers
+    rvq.train()
+    total = torch.zeros(2, dtype=torch.long)
+    for _ in range(10):
+        rvq(x)
+        total += rvq.stats["restarts"]
+    assert int(total[0]) >= 12 and torch.equal(total, rvq.restarts)
+    # every level-1 code now sits near the data (restarted from batch vectors, then EMA-updated)
+    dist = torch.cdist(rvq.codebooks[0], x).min(1).values
+    assert float(dist.max()) < 1.0, dist
+    # and is used: level-1 perplexity well above the 4 codes it had
+    rvq(x)
+    assert float(rvq.stats["perplexity"][0]) > 5
+    with pytest.raises(ValueError, match="needs ema_decay"):
+        ResidualVQ(8, dead_code_threshold=1.0)
+    assert "restarts" not in ResidualVQ(8, ema_decay=0.9).state_dict()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_rvq_n_quantizers_is_honoured_at_every_level_count(mode):
+    x, _ = _blobs(n=64, dim=8, clusters=8, noise=0.5)
+    rvq = ResidualVQ(8, levels=4, codebook_size=16).fit(x)
+    rvq.train(mode == "train")
+    errs = []
+    for k in range(1, 5):
+        q, codes, loss = rvq(x, n_quantizers=k)
+        assert codes.shape == (64, 4)
+        torch.testing.assert_close(q, rvq.decode(codes[:, :k]))
+        errs.append(float(((q - x) ** 2).mean()))
+        assert torch.isfinite(loss)
+    assert errs == sorted(errs, reverse=True) and errs[0] > errs[-1]
+    # one count per batch element
+    xb = x.reshape(4, 16, 8)
+    q, codes, _ = rvq(xb, n_quantizers=torch.tensor([1, 2, 3, 4]))
+    for b in range(4):
+        torch.testing.assert_close(q[b], rvq.decode(codes[b, :, : b + 1]))
+    with pytest.raises(ValueError, match="1..4"):
+        rvq(x, n_quantizers=5)
+
+
+def test_rvq_quantizer_dropout_draws_every_level_count_per_example():
+    torch.manual_seed(0)
+    x, _ = _blobs(n=256, dim=8, clusters=8, noise=0.5)
+    rvq = ResidualVQ(8, levels=3, codebook_size=16, quantizer_dropout=1.0).fit(x)
+    rvq.train()
+    seen = set()
+    xb = x.reshape(32, 8, 8)
+    for _ in range(5):
+        q, codes, _ = rvq(xb)
+        for b in range(32):
+            k = next(k for k in range(1, 4) if torch.allclose(q[b], rvq.decode(codes[b, :, :k])))
+            seen.add(k)
+    assert seen == {1, 2, 3}
+    assert 1.0 <= float(rvq.stats["n_quantizers"]) < 3.0
+    rvq.eval()  # no dropout at inference
+    q, codes, _ = rvq(xb)
+    torch.testing.assert_close(q, rvq.decode(codes))
