@@ -276,3 +276,22 @@ def test_bench_scaling_table():
     assert paper["zero3_gb"] < paper["zero2_gb"] < paper["zero1_gb"]
     md = render_markdown(r)
     assert "| semantic |" in md and "A100" in md and "H100" in md
+
+
+def test_rope_real_arithmetic_equals_the_complex_rotation():
+    """Rotary embeddings in real arithmetic (what torch.compile can fuse) give the numbers of the
+    complex-multiply formulation they replaced."""
+    from musiclm.lm.model import apply_rope, rope_frequencies
+
+    torch.manual_seed(0)
+    hd, L = 16, 37
+    x = torch.randn(2, L, 3, hd)
+    freqs = rope_frequencies(hd, L, 10000.0)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    ang = torch.outer(torch.arange(L, dtype=torch.float32), inv)
+    ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+                             * torch.polar(torch.ones_like(ang), ang)[:, None, :]).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, freqs), ref, rtol=1e-6, atol=1e-6)
+    # a rotation keeps each pair's norm, and position 0 is the identity
+    torch.testing.assert_close(apply_rope(x, freqs)[:, 0], x[:, 0])
+    assert apply_rope(x.bfloat16(), freqs).dtype == torch.bfloat16

@@ -3,7 +3,7 @@
 Written nanoGPT-style, to be read top to bottom:
 
 - pre-norm blocks (LayerNorm -> attention -> residual, LayerNorm -> MLP -> residual),
-- rotary position embeddings on queries and keys (pairs of channels rotated as complex numbers),
+- rotary position embeddings on queries and keys (pairs of channels rotated, in real arithmetic),
 - attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU,
   the fused CPU kernel on CPU),
 - optional activation checkpointing per block (``TransformerConfig.checkpointing``),
@@ -84,17 +84,19 @@ class TransformerConfig:
 
 
 def rope_frequencies(head_dim: int, length: int, base: float, device=None) -> torch.Tensor:
-    """Rotations e^{i * pos * theta_j} as complex64 [length, head_dim // 2]."""
+    """Rotation tables for positions 0..length-1: cos and sin of pos * theta_j, fp32
+    [length, head_dim // 2, 2] (real arithmetic: torch.compile fuses it, it cannot fuse complex ops)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """x [B, L, heads, hd] (any float dtype); freqs complex64 [L, hd/2]. Rotates the pairs
-    (x[2j], x[2j+1]) by pos * theta_j, in fp32 (one complex multiply, no copies of x)."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * freqs[:, None, :]).flatten(-2).type_as(x)
+    """x [B, L, heads, hd] (any float dtype); freqs [L, hd/2, 2] (cos, sin). Rotates the pairs
+    (x[2j], x[2j+1]) by pos * theta_j in fp32: the complex product (a + ib)(cos + i sin)."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs[:, None, :, 0], freqs[:, None, :, 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
 
 
 # --------------------------------------------------------------------------------------------
