@@ -1,7 +1,7 @@
 """Acoustic tokenizers: the :class:`AcousticTokenizer` protocol and its implementations.
 
 ``EncodecTokenizer`` wraps transformers ``EncodecModel`` (hub id or local directory); our own
-SoundStream implements the same protocol. ``build_acoustic(cfg)`` builds one from a config section
+SoundStream (``type: soundstream``, ``model: <dir>``) implements the same protocol. ``build_acoustic(cfg)`` builds one from a config section
 such as ``{"type": "encodec", "model": "facebook/encodec_24khz", "bandwidth": 6.0}``: ``type`` names a
 builder registered with :func:`register_acoustic` (a new codec adds one entry).
 """
@@ -13,10 +13,13 @@ from typing import Callable
 from ..registry import Registry
 from .base import AcousticTokenizer
 from .encodec import EncodecTokenizer, random_encodec_24khz
+from .soundstream import SoundStream, SoundStreamTokenizer
 
 __all__ = [
     "AcousticTokenizer",
     "EncodecTokenizer",
+    "SoundStream",
+    "SoundStreamTokenizer",
     "acoustic_types",
     "build_acoustic",
     "random_encodec_24khz",
@@ -41,6 +44,14 @@ def acoustic_types() -> tuple[str, ...]:
 def _encodec(cfg: dict, device: str) -> AcousticTokenizer:
     model = cfg.pop("model", "facebook/encodec_24khz")
     return EncodecTokenizer(model, device=cfg.pop("device", device), **cfg)
+
+
+@register_acoustic("soundstream")
+def _soundstream(cfg: dict, device: str) -> AcousticTokenizer:
+    if not cfg.get("model"):
+        raise ValueError("tokenizers.acoustic: type soundstream needs model: <directory of a trained SoundStream>")
+    model = cfg.pop("model")
+    return SoundStreamTokenizer(model, device=cfg.pop("device", device), **cfg)
 
 
 def build_acoustic(cfg: dict, device: str = "cpu") -> AcousticTokenizer:
