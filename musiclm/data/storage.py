@@ -149,6 +149,25 @@ def listdir(url: str, *, options: dict | None = None) -> list[str]:
     return sorted({posixpath.basename(e.rstrip("/")) for e in entries} - {""})
 
 
+def list_sizes(url: str, *, options: dict | None = None) -> dict[str, int]:
+    """{name: size in bytes} of the files directly under ``url`` in one listing (one request on
+    S3, not one per file); {} if it does not exist."""
+    url = os.fspath(url)
+    if not is_remote(url):
+        try:
+            with os.scandir(_local(url)) as it:
+                return {e.name: e.stat().st_size for e in it if e.is_file()}
+        except FileNotFoundError:
+            return {}
+    fs, path = get_fs(url, options)
+    try:
+        entries = fs.ls(path, detail=True, refresh=True)
+    except FileNotFoundError:
+        return {}
+    return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
+            for e in entries if e.get("type") != "directory"}
+
+
 def size(url: str, *, options: dict | None = None) -> int:
     url = os.fspath(url)
     if not is_remote(url):

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from musiclm.data import shards as _shards
+from musiclm.data import storage
 
 __all__ = [
-    "as_list", "shard_urls", "check_shard_fingerprints", "resolve_shard_dirs", "BatchStream", "eval_batches", "sample_rng",
+    "as_list", "shard_urls", "checked_shard_urls", "ShardIntegrityError", "SampleError", "check_shard_fingerprints", "resolve_shard_dirs", "BatchStream", "eval_batches", "sample_rng",
     "reader_throughput",
 ]
 
@@ -49,6 +50,59 @@ def shard_urls(dirs, split: str) -> list[str]:
     for d in as_list(dirs):
         urls.extend(_shards.list_shards(d, split))
     return urls
+
+
+class ShardIntegrityError(ValueError):
+    """A shard that ``index.json`` lists is missing or not the size the index records."""
+
+    def __init__(self, shard: str, index: str, reason: str):
+        self.shard, self.index, self.reason = shard, index, reason
+        super().__init__(f"{shard}: {reason} ({index}); the shard folder is incomplete or damaged: "
+                         f"re-run the tokenize job into it (it redoes only what is missing), or set "
+                         f"data.on_bad_shard: skip to train on the rest (skipped shards are logged)")
+
+
+def checked_shard_urls(dirs, split: str, *, on_bad: str = "error") -> tuple[list[str], list[dict]]:
+    """The ``split`` shards as each folder's ``index.json`` lists them, each checked against it
+    before anything is streamed: present, and exactly the size the index records (one directory
+    listing per folder). ``on_bad="error"`` raises ShardIntegrityError naming the shard and the
+    index; ``"skip"`` leaves the shard out -> (urls, [{"shard", "index", "reason"}, ...])."""
+    urls: list[str] = []
+    bad: list[dict] = []
+    for d in as_list(dirs):
+        index = _shards.read_index(d)
+        index_url = storage.join(d, _shards.INDEX_NAME)
+        sizes = storage.list_sizes(d)
+        for rec in index["shards"]:
+            if rec.get("split") != split:
+                continue
+            name, url = rec["name"], storage.join(d, rec["name"])
+            got, want = sizes.get(name), rec.get("bytes")
+            if got is None:
+                reason = "listed in index.json but missing"
+            elif want is not None and got != int(want):
+                reason = f"{got} bytes, index.json says {int(want)}"
+            else:
+                urls.append(url)
+                continue
+            if on_bad != "skip":
+                raise ShardIntegrityError(url, index_url, reason)
+            bad.append({"shard": url, "index": index_url, "reason": reason})
+    return urls, bad
+
+
+class SampleError(ValueError):
+    """A shard sample the stage cannot use; the message names the shard and the sample key."""
+
+
+def build_checked(build_example, sample: dict, rng, cfg: dict):
+    """``build_example`` with the shard URL and sample key added to any error it raises (e.g. a
+    token id out of range), so a bad sample can be found in a corpus of thousands of shards."""
+    try:
+        return build_example(sample, rng, cfg)
+    except Exception as e:
+        raise SampleError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}: "
+                          f"{type(e).__name__}: {e}") from e
 
 
 class FingerprintHashMismatch(_shards.FingerprintMismatch):
@@ -168,7 +222,7 @@ def _epoch_batches(urls, split, *, build_example, collate, cfg, batch_size, rank
             n = i + 1
             if i < skip:
                 continue  # resume: read (not built) up to the saved position
-            ex = build_example(sample, sample_rng(seed, epoch, sample.get("__key__", i)), cfg)
+            ex = build_checked(build_example, sample, sample_rng(seed, epoch, sample.get("__key__", i)), cfg)
             if ex is None:
                 continue
             buf.append(ex)
@@ -345,7 +399,7 @@ def eval_batches(urls: list[str], split: str, *, build_example, collate, cfg: di
         reader = _shards.shard_reader(urls, split, shuffle=0, seed=seed, epoch=0, rank=0, world_size=1,
                                       repeat=False)
         for i, sample in enumerate(reader):
-            ex = build_example(sample, sample_rng(seed, 0, sample.get("__key__", i), salt=1), cfg)
+            ex = build_checked(build_example, sample, sample_rng(seed, 0, sample.get("__key__", i), salt=1), cfg)
             if ex is None:
                 continue
             buf.append(ex)
@@ -402,7 +456,8 @@ def split_batches(urls: list[str], split: str, *, build_example, collate, cfg: d
     per_rank = -(-(-(-n // batch_size)) // world_size)  # ceil(ceil(n / bs) / world)
 
     def build(group):
-        exs = [build_example(s, sample_rng(seed, 0, s.get("__key__", i), salt=1), cfg) for i, s in group]
+        exs = [build_checked(build_example, s, sample_rng(seed, 0, s.get("__key__", i), salt=1), cfg)
+               for i, s in group]
         exs = [e for e in exs if e is not None]
         return collate(exs) if exs else None
 

@@ -371,9 +371,18 @@ class Trainer:
         return pos
 
     def _build_data(self, positions: list[dict]) -> None:
-        dirs = self.data.shards
-        self.train_urls = tdata.shard_urls(dirs, self.data.train_split)
-        self.eval_urls = tdata.shard_urls(dirs, self.data.eval_split)
+        dirs, on_bad = self.data.shards, self.data.on_bad_shard
+        self.train_urls, bad = tdata.checked_shard_urls(dirs, self.data.train_split, on_bad=on_bad)
+        self.eval_urls, bad_eval = tdata.checked_shard_urls(dirs, self.data.eval_split, on_bad=on_bad)
+        self.bad_shards = bad + bad_eval
+        if self.bad_shards and self.rank == 0:
+            for b in self.bad_shards:
+                self.log(f"skipping shard {b['shard']}: {b['reason']} (data.on_bad_shard: skip)")
+            with open(os.path.join(self.run_dir, "bad_shards.jsonl"), "a") as f:
+                for b in self.bad_shards:
+                    f.write(json.dumps(b) + "\n")
+        if not self.train_urls:
+            raise tdata.ShardIntegrityError(str(dirs), "index.json", f"no usable {self.data.train_split!r} shards")
         self.stream = tdata.BatchStream(
             self.train_urls, self.data.train_split, build_example=self.spec.build_example,
             collate=self.spec.collate, cfg=self.cfg, batch_size=self.micro, rank=self.rank,
@@ -402,6 +411,8 @@ class Trainer:
                  f"bf16 {self.engine.bfloat16_enabled()}, optimizer {_optimizer_name(self.engine)}, "
                  f"{len(self.train_urls)} train / {len(self.eval_urls)} eval shards, run dir {self.run_dir}")
         self.monitor.text("config", "```\n" + text + "\n```", self.step)
+        if self.bad_shards:
+            self.monitor.log(self.step, {"data/bad_shards": len(self.bad_shards)})
 
     def setup(self, indexes: list[dict]) -> None:
         t = time.time()
@@ -835,7 +846,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return trainer.run()
-    except FingerprintMismatch as e:
+    except (FingerprintMismatch, tdata.ShardIntegrityError) as e:
         print(f"[musiclm.train] refusing the shards: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 2
 

@@ -88,12 +88,15 @@ class DataConfig:
     shuffle: int = 1000              # shuffle buffer (samples)
     prefetch: int = 4                # batches built ahead (by a thread, or per worker)
     num_workers: int = 0             # DataLoader worker processes per rank (expensive examples, e.g. audio)
+    on_bad_shard: str = "error"      # a shard missing or not the size index.json records: error | skip
 
     def check(self, where: str) -> None:
         require(self.shards is None or isinstance(self.shards, (str, list)), f"{where}.shards",
                 f"expected a folder, URL or list of them, got {self.shards!r}")
         for k in ("shuffle", "prefetch", "num_workers"):
             require(getattr(self, k) >= 0, f"{where}.{k}", f"must be >= 0, got {getattr(self, k)}")
+        require(self.on_bad_shard in ("error", "skip"), f"{where}.on_bad_shard",
+                f"must be error or skip, got {self.on_bad_shard!r}")
 
 
 def check_run_config(cfg: dict, stage_keys: tuple[str, ...], *, where: str) -> tuple[TrainConfig, DataConfig]:
