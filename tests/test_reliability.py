@@ -216,6 +216,25 @@ def test_disk_full_simulated_leaves_nothing(tmp_path, monkeypatch):
     assert ei.value.errno == errno.ENOSPC
     assert os.listdir(root) == []
 
+    # torch.save's C++ writer says only "unexpected pos": the disk is judged full while the partial
+    # checkpoint still fills it, not after its removal freed the space
+    class TorchWriterEngine(_WritingEngine):
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    partial = os.path.join(root, ".partial-step_00000002")
+    monkeypatch.setattr(ckpt, "_free_bytes", lambda path: 4096 if os.path.exists(partial) else 10**12)
+    with pytest.raises(ckpt.DiskFull, match="no space left on device while writing checkpoint step_00000002"):
+        ckpt.save_checkpoint({"model": TorchWriterEngine()}, root, 2, {"world_size": 1}, rank=0,
+                             barrier=lambda: None)
+    assert os.listdir(root) == []
+    monkeypatch.setattr(ckpt, "_free_bytes", lambda path: 10**12)  # plenty of space: not "disk full"
+    with pytest.raises(RuntimeError, match="unexpected pos") as ei:
+        ckpt.save_checkpoint({"model": TorchWriterEngine()}, root, 2, {"world_size": 1}, rank=0,
+                             barrier=lambda: None)
+    assert not isinstance(ei.value, ckpt.DiskFull) and os.listdir(root) == []
+
     # before writing: the checkpoint will not fit
     monkeypatch.setattr(ckpt, "_free_bytes", lambda path: 10)
     with pytest.raises(ckpt.DiskFull, match=r"no space left on device for checkpoint step_00000002 in .*nothing was written"):

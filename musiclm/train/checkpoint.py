@@ -523,11 +523,12 @@ def _disk_full(e: BaseException, path: str) -> bool:
     return False
 
 
-def _save_failed(e: BaseException, tag: str, ckpt_root: str, partial: str) -> BaseException:
-    """The error to raise for a save that failed (its partial folder is already removed)."""
+def _save_failed(e: BaseException, tag: str, ckpt_root: str, partial: str, full: bool) -> BaseException:
+    """The error to raise for a save that failed (its partial folder is already removed; ``full``:
+    ``_disk_full`` decided before that, while the partial folder still filled the disk)."""
     if not isinstance(e, Exception):
         return e
-    if _disk_full(e, ckpt_root):
+    if full:
         free = _free_bytes(ckpt_root)
         quota = isinstance(e, OSError) and e.errno == errno.EDQUOT
         return DiskFull(
@@ -573,8 +574,9 @@ def save_checkpoint(engines: dict, ckpt_root: str, step: int, trainer_state: dic
         write_atomic(os.path.join(partial, "rng", f"rank{rank}.json"), json.dumps(rng_state()))
     except BaseException as e:
         # this rank's write failed: the others stop in DeepSpeed's barrier and the launcher ends them
+        full = _disk_full(e, ckpt_root)
         shutil.rmtree(partial, ignore_errors=True)
-        raise _save_failed(e, tag, ckpt_root, partial) from e
+        raise _save_failed(e, tag, ckpt_root, partial, full) from e
     barrier()
     if rank == 0:
         try:
@@ -586,8 +588,9 @@ def save_checkpoint(engines: dict, ckpt_root: str, step: int, trainer_state: dic
             _publish_dir(partial, final)  # re-saving a step (e.g. stopped right after a resume) replaces it
             write_atomic(os.path.join(ckpt_root, LATEST), tag + "\n")
         except BaseException as e:
+            full = _disk_full(e, ckpt_root)
             shutil.rmtree(partial, ignore_errors=True)
-            raise _save_failed(e, tag, ckpt_root, partial) from e
+            raise _save_failed(e, tag, ckpt_root, partial, full) from e
         if keep and keep > 0:
             for _s, old_tag in complete_checkpoints(ckpt_root)[:-keep]:
                 if old_tag != tag:
