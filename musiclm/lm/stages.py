@@ -81,11 +81,16 @@ class TokenLayout:
 
     @classmethod
     def from_config(cls, tokens: "dict | TokenLayout | None") -> "TokenLayout":
-        """From a config ``tokens:`` dict; keys that are not layout fields (e.g. windows) are ignored."""
+        """From a config ``tokens:`` dict (its ``window_seconds`` belong to the stages); any other
+        unknown key is refused with the closest valid name, as ``TransformerConfig`` does."""
+        from musiclm.config import check_keys
+
         if isinstance(tokens, TokenLayout):
             return tokens
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (tokens or {}).items() if k in known})
+        known = [f.name for f in fields(cls)]
+        tokens = tokens or {}
+        check_keys(tokens, known + ["window_seconds"], where="tokens")
+        return cls(**{k: v for k, v in tokens.items() if k in known})
 
     @property
     def fine_levels(self) -> int:
