@@ -347,12 +347,20 @@ class ResidualVQ(nn.Module):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="ResidualVQ.fit: only")
                 self.fit(data, seed=0, max_iter=self.kmeans_iters)
-        if dist:
-            for name in ("codebooks", "n_codes"):
-                torch.distributed.broadcast(getattr(self, name), src=0)
             if self.ema_decay is not None:
-                self.embed_sum.copy_(self.codebooks)
-                self.cluster_size.fill_(1.0)
+                # EMA statistics start from the fit: per-batch cluster sizes of the init data (so a
+                # dead-code threshold sees real usage, not a uniform 1.0 that would expire every code)
+                residual = data.to(self.codebooks.device)
+                for level in range(self.levels):
+                    idx = self._nearest(residual, level)
+                    counts = torch.bincount(idx, minlength=self.codebook_size).float() / self.kmeans_init_batches
+                    self.cluster_size[level].copy_(counts)
+                    self.embed_sum[level].copy_(self.codebooks[level] * counts[:, None])
+                    residual = residual - self.codebooks[level][idx]
+        if dist:
+            names = ("codebooks", "n_codes") + (("cluster_size", "embed_sum") if self.ema_decay is not None else ())
+            for name in names:
+                torch.distributed.broadcast(getattr(self, name), src=0)
         self.fitted.fill_(True)
 
     @torch.no_grad()
