@@ -23,7 +23,7 @@ from musiclm.testing import group_delay_seconds
 from ray_jobs import job_args
 from ray_jobs.cluster import init_ray, worker_plan
 from ray_jobs.output import Progress, errors_url, fit_summary, print_summary, write_errors
-from ray_jobs.plan import WorkState, make_plan, pending_groups
+from ray_jobs.plan import JobLock, WorkState, make_plan, pending_groups
 from ray_jobs.stages import decode_group, groups_dataset, unpack_arrays
 
 log = get_logger(__name__)
@@ -53,6 +53,7 @@ class Job:
     plan_errors: list = field(default_factory=list)
     plan: dict = field(default_factory=dict)
     state: WorkState | None = None
+    lock: JobLock | None = None
     pending: list = field(default_factory=list)
     ray_info: dict = field(default_factory=lambda: {"mode": "none"})
     progress: Progress | None = None
@@ -102,33 +103,63 @@ def run_job(name: str, doc: str, argv: list[str] | None, *, setup: Callable[[Job
     job.cfg = job_args.load_config(args.config, args.set)
     setup(job)
 
-    per_group = args.clips_per_shard if job.shard_job else args.clips_per_task
-    job.groups, job.plan_errors, job.plan = make_plan(args, name, job.params, clips_per_group=per_group)
-    if job.shard_job:
-        job.state = WorkState(job.out_dir)
-        resumed = job.state.check_plan(job.plan, args.overwrite)
-        job.pending = pending_groups(job.groups, job.state, retry_failed=args.retry_failed)
-        log.info(f"[{name}] {job.plan['clips']} clips in {len(job.groups)} groups -> {job.out_dir}"
-                 + (f" (resuming: {len(job.groups) - len(job.pending)} groups already done)" if resumed else ""))
-    else:
-        job.pending = list(job.groups)
-        log.info(f"[{name}] {job.plan['clips']} clips ({len(job.groups)} tasks), {job.describe}")
-
-    if job.pending or not job.shard_job:  # a fitting job always runs (an empty plan fails in complete)
-        job.ray_info = init_ray(args)
-        job.progress = Progress(name, len(job.pending), sum(len(g.clips) for g in job.pending))
-        ds = groups_dataset(job.pending).map(
-            decode_group, num_cpus=args.task_cpus,
-            fn_kwargs=dict(sample_rate=job.sample_rate, segment_seconds=job.segment_seconds,
-                           grid_seconds=job.grid_seconds, min_seconds=job.min_seconds))
-        ds = stages(job, ds)
+    try:
+        per_group = args.clips_per_shard if job.shard_job else args.clips_per_task
+        job.groups, job.plan_errors, job.plan = make_plan(args, name, job.params, clips_per_group=per_group)
         if job.shard_job:
-            run_pipeline(ds, job.progress)
+            job.lock = JobLock(job.out_dir).acquire()  # before the plan check: one job per output folder
+            job.state = WorkState(job.out_dir)
+            resumed = job.state.check_plan(job.plan, args.overwrite)
+            job.pending = pending_groups(job.groups, job.state, retry_failed=args.retry_failed)
+            log.info(f"[{name}] {job.plan['clips']} clips in {len(job.groups)} groups -> {job.out_dir}"
+                     + (f" (resuming: {len(job.groups) - len(job.pending)} groups already done)" if resumed else ""))
         else:
-            job.records, job.arrays = collect_groups(ds, job.progress)
-    summary = complete(job)
+            job.pending = list(job.groups)
+            log.info(f"[{name}] {job.plan['clips']} clips ({len(job.groups)} tasks), {job.describe}")
+
+        if job.pending or not job.shard_job:  # a fitting job always runs (an empty plan fails in complete)
+            job.ray_info = init_ray(args)
+            job.progress = Progress(name, len(job.pending), sum(len(g.clips) for g in job.pending))
+            ds = groups_dataset(job.pending).map(
+                decode_group, num_cpus=args.task_cpus,
+                fn_kwargs=dict(sample_rate=job.sample_rate, segment_seconds=job.segment_seconds,
+                               grid_seconds=job.grid_seconds, min_seconds=job.min_seconds))
+            ds = stages(job, ds)
+            if job.shard_job:
+                run_pipeline(ds, job.progress)
+            else:
+                job.records, job.arrays = collect_groups(ds, job.progress)
+        summary = complete(job)
+    except Exception as e:
+        full = _disk_full(e)
+        if full is None:
+            raise
+        raise SystemExit(f"[{name}] no space left on the device while writing into "
+                         f"{job.out_dir or getattr(args, 'out', None) or 'the output folder'}"
+                         f" ({full}); free space there and rerun the same command: finished groups are kept "
+                         f"and the job resumes") from None
+    finally:
+        if job.lock is not None:
+            job.lock.release()
     print_summary(summary)
     return summary
+
+
+def _disk_full(e: BaseException) -> str | None:
+    """The ENOSPC error in an exception's chain (Ray wraps a task's OSError in RayTaskError and
+    keeps its text), or None."""
+    import errno
+
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return str(e)
+        text = str(e)
+        if "No space left on device" in text or "[Errno 28]" in text:
+            return "No space left on device"
+        e = e.__cause__ or e.__context__ or getattr(e, "cause", None)
+        seen += 1
+    return None
 
 
 def run_pipeline(ds, progress: Progress) -> None:

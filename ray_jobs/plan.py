@@ -9,6 +9,8 @@ shard or in ``errors.jsonl``."""
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from typing import Any, Iterable
 
@@ -26,6 +28,88 @@ def write_json(url: str, obj: Any) -> None:
 
 def read_json(url: str) -> Any:
     return json.loads(storage.read_bytes(url))
+
+
+LOCK_NAME = "job.lock"
+# A lock on object storage (no flock there) counts as held while its heartbeat is younger than this.
+REMOTE_LOCK_STALE_S = 120.0
+
+
+class JobLock:
+    """One job at a time per output folder: ``<out_dir>/_groups/job.lock``.
+
+    Two jobs with the same plan into one ``--out`` would both redo every group (each sees the other's
+    groups as pending) and race on ``plan.json``. Locally the lock is an ``flock`` held by the job's
+    process for its lifetime (released by the kernel however the job ends, SIGKILL included); on
+    object storage, where there is no flock, it is an object with the owner and a heartbeat rewritten
+    every 30 s, and one whose heartbeat is older than ``REMOTE_LOCK_STALE_S`` counts as abandoned.
+    A second job refuses at once, naming the owner."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.url = storage.join(out_dir, GROUPS_DIR, LOCK_NAME)
+        self._fd = None
+        self._stop = None
+
+    def _owner(self) -> dict:
+        import socket
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "heartbeat": time.time()}
+
+    def _refuse(self, owner: dict | None) -> None:
+        who = (f"pid {owner.get('pid')} on {owner.get('host')}, started "
+               f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('started', 0)))}") if owner else "another job"
+        raise SystemExit(f"{self.out_dir} is being written by another job ({who}); wait for it to finish "
+                         f"(rerunning afterwards resumes), or write to another --out/--dataset")
+
+    def acquire(self) -> "JobLock":
+        storage.makedirs(storage.join(self.out_dir, GROUPS_DIR))
+        if not storage.is_remote(self.url):
+            import fcntl
+
+            fd = os.open(self.url, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    owner = json.loads(os.pread(fd, 4096, 0) or b"null")
+                except ValueError:
+                    owner = None
+                os.close(fd)
+                self._refuse(owner)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(self._owner()).encode(), 0)
+            self._fd = fd
+            return self
+        try:
+            owner = read_json(self.url)
+        except (FileNotFoundError, ValueError):
+            owner = None
+        if owner and time.time() - float(owner.get("heartbeat", 0)) < REMOTE_LOCK_STALE_S:
+            self._refuse(owner)
+        me = self._owner()
+        write_json(self.url, me)
+        self._stop = threading.Event()
+
+        def beat():
+            while not self._stop.wait(30.0):
+                me["heartbeat"] = time.time()
+                try:
+                    write_json(self.url, me)
+                except Exception:  # a missed heartbeat only shortens how long others wait
+                    pass
+
+        threading.Thread(target=beat, daemon=True, name="job-lock-heartbeat").start()
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # the flock goes with it; the file stays (harmless, reused)
+            self._fd = None
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+            storage.remove(self.url)
 
 
 class WorkState:
@@ -62,7 +146,8 @@ class WorkState:
             if SHARD_RE.match(name) or name in (INDEX_NAME, ERRORS_NAME):
                 storage.remove(storage.join(self.out_dir, name))
         for name in storage.listdir(self.dir):
-            storage.remove(storage.join(self.dir, name))
+            if name != LOCK_NAME:  # held by this job
+                storage.remove(storage.join(self.dir, name))
 
     def done(self) -> set[str]:
         return {n[:-5] for n in storage.listdir(self.dir) if n.endswith(".json") and n != PLAN_NAME}

@@ -283,7 +283,7 @@ def test_tokenize_kill_resume_and_new_tokenizers(env, tmp_path):
     out = str(tmp_path / "shards")
     args = ["ray_jobs/tokenize.py", "--manifest", env["manifest"], "--out", out, "--dataset", "toy",
             "--config", env["config"], "--clips-per-shard", "1", "--workers", "1"]
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env={**env["head"].env(), GROUP_DELAY_ENV: "1.0"},
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env={**env["head"].env(), GROUP_DELAY_ENV: "2.0"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     groups_dir = None
     deadline = time.time() + 180
@@ -295,6 +295,11 @@ def test_tokenize_kill_resume_and_new_tokenizers(env, tmp_path):
                 if len([p for p in groups_dir.glob("*.json") if p.name != "plan.json"]) >= 2:
                     break
             time.sleep(0.2)
+        # a second job with the same plan into the same folder refuses (it would redo every group)
+        second = subprocess.run([sys.executable, *args], cwd=REPO, env=env["head"].env(), capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode != 0 and "is being written by another job (pid" in second.stderr, \
+            second.stderr[-2000:]
         assert proc.poll() is None, "job finished before it could be killed:\n" + proc.stdout.read()[-3000:]
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -341,3 +346,22 @@ def test_tokenize_kill_resume_and_new_tokenizers(env, tmp_path):
     assert read_index(other["out_dir"])["fingerprints"]["acoustic"]["levels"] == 4
     samples = _check_exactly_once(other["out_dir"], env["manifest"], "tokens")
     assert len(samples) == summary["segments"]
+
+
+def test_disk_full_names_the_output_folder():
+    """A write that fails with ENOSPC inside a Ray task reaches the driver wrapped (RayTaskError
+    keeps the text): the job's last line names the folder that ran out of space."""
+    import errno
+
+    from ray_jobs.job import _disk_full
+
+    inner = OSError(errno.ENOSPC, "No space left on device", "/data/shards/x/train-000003.tar")
+    try:
+        try:
+            raise inner
+        except OSError as e:
+            raise RuntimeError("ray::write_group() (pid=1, ip=127.0.0.1)") from e
+    except RuntimeError as wrapped:
+        assert "No space left on device" in _disk_full(wrapped)
+    assert _disk_full(RuntimeError("ray task failed: [Errno 28] No space left on device")) is not None
+    assert _disk_full(ValueError("corrupt audio")) is None
