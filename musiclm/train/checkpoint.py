@@ -62,6 +62,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..data import storage
+
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -439,19 +441,6 @@ def ensure_universal(tag_dir: str, engine_name: str = MAIN_ENGINE, log=print) ->
 # save
 
 
-def _publish_dir(src: str, dst: str) -> None:
-    """Move the fully written folder ``src`` to ``dst``, replacing an existing ``dst``: readers see
-    the old folder or the new one under ``dst``, never a half-written one."""
-    if os.path.isdir(dst):
-        old = os.path.join(os.path.dirname(os.path.abspath(dst)), f".old-{os.path.basename(dst)}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
 def _existing(path: str) -> str:
     path = os.path.abspath(path)
     while not os.path.exists(path) and os.path.dirname(path) != path:
@@ -585,7 +574,7 @@ def save_checkpoint(engines: dict, ckpt_root: str, step: int, trainer_state: dic
                        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
             write_atomic(os.path.join(partial, STATE_FILE), json.dumps(st, indent=1, default=_json_default))
             write_manifest(partial)  # last: the checkpoint is exactly these files
-            _publish_dir(partial, final)  # re-saving a step (e.g. stopped right after a resume) replaces it
+            storage.publish_dir(partial, final)  # re-saving a step (e.g. stopped right after a resume) replaces it
             write_atomic(os.path.join(ckpt_root, LATEST), tag + "\n")
         except BaseException as e:
             full = _disk_full(e, ckpt_root)

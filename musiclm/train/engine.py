@@ -42,6 +42,7 @@ import importlib
 import importlib.util
 import json
 import os
+import pickle
 import signal
 import sys
 import time
@@ -848,6 +849,18 @@ def train_main(argv: list[str] | None = None) -> int:
         return trainer.run()
     except (FingerprintMismatch, tdata.ShardIntegrityError) as e:
         print(f"[musiclm.train] refusing the shards: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 2
+    except (ckpt.CheckpointRejected, ckpt.DiskFull) as e:
+        what = "checkpoint not saved" if isinstance(e, ckpt.DiskFull) else "refusing the checkpoint"
+        print(f"[musiclm.train] {what}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 2
+    except pickle.UnpicklingError as e:
+        # torch's weights-only loader refused a pickle that is not plain tensors: say so in one line
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = [ln for ln in lines if "Unsupported global" in ln] or lines[:1]
+        print(f"[musiclm.train] refusing the checkpoint: a file in it is not plain weights (Weights only load "
+              f"failed: {' '.join(why)}); nothing was loaded or run. Resume only from run folders you trust.",
+              file=sys.stderr, flush=True)
         return 2
 
 

@@ -30,7 +30,13 @@ __all__ = ["export", "load_exported", "consolidated_state_dict"]
 
 
 def consolidated_state_dict(tag_dir: str, engine_name: str = ckpt.MAIN_ENGINE) -> dict[str, torch.Tensor]:
-    """fp32 state dict of one engine of a checkpoint folder, whatever its ZeRO stage."""
+    """fp32 state dict of one engine of a checkpoint folder, whatever its ZeRO stage. The folder is
+    checked against its manifest first, and every file is read weights-only (DeepSpeed's
+    ``zero_to_fp32`` included), so a crafted pickle in a run folder never runs."""
+    problem = ckpt.verify_checkpoint(tag_dir)
+    if problem:
+        raise ckpt.CheckpointRejected(f"{tag_dir}: {problem}")
+    ckpt.enforce_weights_only()
     ds_dir = os.path.join(tag_dir, engine_name)
     if glob.glob(os.path.join(ds_dir, "*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
