@@ -146,3 +146,129 @@ def test_codec_quantizer_dropout_every_level_count_in_train_mode(k):
     expect = model.decoder(model.quantizer.decode(out["codes"].transpose(1, 2)[..., :k]).transpose(1, 2))
     torch.testing.assert_close(out["recon"], expect, rtol=1e-4, atol=1e-5)
     assert z.shape[1] == out["codes"].shape[-1]
+
+
+# ----------------------------------------------------------------------------- the codec stage, real launcher
+
+slow = pytest.mark.slow  # launches DeepSpeed processes
+
+
+@pytest.fixture(scope="module")
+def codec_work(tmp_path_factory):
+    from musiclm.testing import make_synthetic_audio_shards
+
+    work = tmp_path_factory.mktemp("codec")
+    make_synthetic_audio_shards(str(work / "shards"), n_train=16, n_eval=4, seconds=1.5, sample_rate=8000)
+    import yaml
+
+    cfg = {"name": "codec-tiny", "stage": "codec", "seed": 0,
+           "data": {"shards": str(work / "shards"), "shuffle": 16, "prefetch": 2},
+           "model": {"preset": "tiny"},
+           # GAN from step 2; step 3's batch is NaN on rank 1 only
+           "codec": {"crop_seconds": 1.0, "adversarial_after": 1, "disc_channels": 4, "media_clips": 1,
+                     "inject_nan_at_step": 3, "inject_nan_rank": 1},
+           "train": {"max_steps": 5, "warmup_steps": 2, "log_every": 1, "eval_every": 5, "eval_batches": 1,
+                     "split_eval_every": 5, "split_eval_samples": 8, "checkpoint_every": 1, "keep_checkpoints": 10},
+           "deepspeed": {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
+                         "optimizer": {"type": "AdamW", "params": {"lr": 3.0e-3, "betas": [0.8, 0.99]}}}}
+    with open(work / "codec.yaml", "w") as f:
+        yaml.safe_dump(cfg, f)
+    return work
+
+
+def _codec_args(work, run_dir, extra=()):
+    from train_utils import DS_CONFIGS
+
+    return ["launch/train.py", "--config", str(work / "codec.yaml"), "--deepspeed_config",
+            os.path.join(DS_CONFIGS, "zero2.json"), "--run_dir", run_dir, *extra]
+
+
+@pytest.fixture(scope="module")
+def codec_full(codec_work):
+    from train_utils import launch, read_log
+
+    run = str(codec_work / "full")
+    assert launch(2, _codec_args(codec_work, run), run + ".log") == 0, read_log(run + ".log")[-4000:]
+    return run
+
+
+def _engine_state(run_dir: str, step: int, engine: str) -> dict:
+    from musiclm.train.export import consolidated_state_dict
+
+    return consolidated_state_dict(os.path.join(run_dir, "checkpoints", f"step_{step:08d}"), engine)
+
+
+@slow
+def test_nan_batch_on_one_rank_is_skipped_on_every_rank_and_never_reaches_the_weights(codec_full):
+    from train_utils import metrics, read_log
+
+    recs = {r["step"]: r for r in metrics(codec_full) if "train/loss" in r}
+    assert sorted(recs) == [1, 2, 3, 4, 5]
+    # rank 1 alone saw NaN; the metric is the mean over 2 ranks: 1.0 means both skipped
+    assert recs[3]["train/skipped/generator"] == 1.0 and recs[3]["train/skipped/disc"] == 1.0
+    assert all(recs[s]["train/skipped/generator"] == 0.0 for s in (1, 2, 4, 5))
+    assert all(np.isfinite(recs[s]["train/loss"]) for s in (1, 2, 4, 5))
+    assert "non-finite generator loss" in read_log(codec_full + ".log")
+    for engine in ("model", "disc"):
+        s2, s3, s4 = (_engine_state(codec_full, s, engine) for s in (2, 3, 4))
+        assert sorted(s2) == sorted(s3)
+        for k in s2:  # weights, EMA codebooks and their statistics: untouched by the NaN step
+            assert torch.equal(s2[k], s3[k]), (engine, k)
+            assert torch.isfinite(s3[k]).all(), (engine, k)
+        assert any(not torch.equal(s3[k], s4[k]) for k in s3), engine  # training goes on after it
+        if engine == "model":
+            assert "quantizer.codebooks" in s3 and "quantizer.cluster_size" in s3
+
+
+@slow
+def test_codec_resume_reproduces_both_engines(codec_work, codec_full):
+    from train_utils import launch, metrics, read_log, train_losses
+
+    part = str(codec_work / "part")
+    assert launch(2, _codec_args(codec_work, part, ["--stop_after", "2"]), part + ".log") == 0, \
+        read_log(part + ".log")[-4000:]
+    assert max(train_losses(part)) == 2
+    assert launch(2, _codec_args(codec_work, part), part + ".resume.log") == 0, read_log(part + ".resume.log")[-4000:]
+    assert "resumed from" in read_log(part + ".resume.log")
+    full = {r["step"]: r for r in metrics(codec_full) if "train/loss" in r}
+    again = {r["step"]: r for r in metrics(part) if "train/loss" in r}
+    assert sorted(again) == [1, 2, 3, 4, 5]
+    for step in range(1, 6):
+        for key in ("train/loss", "train/loss/mel", "train/loss/disc", "train/loss/adv", "train/grad_norm",
+                    "train/grad_norm/disc", "train/lr/disc", "train/codebook/perplexity/level_1"):
+            if step == 3 and key.startswith("train/grad_norm"):
+                continue  # the skipped step has no gradient: the engine reports its last norm (none after a resume)
+            assert again[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-7, nan_ok=True), (step, key)
+    for engine in ("model", "disc"):
+        a, b = _engine_state(codec_full, 5, engine), _engine_state(part, 5, engine)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{engine} {k}")
+
+
+@slow
+def test_codec_run_logs_eval_media_and_exports_a_soundstream_tokenizer(codec_work, codec_full):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from musiclm.train.export import export
+    from train_utils import metrics
+
+    ev = [r for r in metrics(codec_full) if "eval/si_snr/all" in r]
+    assert ev and all(k in ev[-1] for k in ("eval/mel/1", "eval/mel/coarse", "eval/mel/all", "eval/si_snr/1",
+                                             "eval/mel_below_150hz/all"))
+    assert any("eval/loss" in r and "eval/si_snr" in r for r in metrics(codec_full))
+    acc = EventAccumulator(os.path.join(codec_full, "tb"), size_guidance={"audio": 0, "images": 0}).Reload()
+    tags = acc.Tags()
+    assert "eval_audio/clip_0/reconstruction" in tags["audio"] and "eval_spectrogram/clip_0" in tags["images"]
+    assert "train/codebook/perplexity/level_4" in tags["scalars"] and "train/disc_accuracy" in tags["scalars"]
+
+    out = codec_work / "exported"
+    info = export(codec_full, str(out / "model.safetensors"))
+    assert info["step"] == 5
+    tok = build_acoustic({"type": "soundstream", "model": str(out)})
+    wav = beats(2)
+    codes = tok.encode(wav)
+    assert codes.shape == (2, 4, 50) and tok.decode(codes).shape == (2, 8000)
+    # the exported weights are the trained generator's (codebooks included)
+    live = _engine_state(codec_full, 5, "model")
+    torch.testing.assert_close(tok.model.quantizer.codebooks, live["quantizer.codebooks"])
+    assert tok.fingerprint()["weights_sha256"] != SoundStreamTokenizer(model=SoundStream({"preset": "tiny"})).fingerprint()["weights_sha256"]
