@@ -51,8 +51,14 @@ class AudioError(Exception):
 # ----------------------------------------------------------------------------- PyAV (FFmpeg's libraries)
 
 # Sample formats as PyAV names them -> (numpy dtype of to_ndarray(), scale to [-1, 1], offset).
-_AV_SCALE = {"u8": (128.0, 128.0), "s16": (32768.0, 0.0), "s32": (2147483648.0, 0.0),
-             "s64": (9223372036854775808.0, 0.0), "flt": (1.0, 0.0), "dbl": (1.0, 0.0)}
+_AV_SCALE = {
+    "u8": (128.0, 128.0),
+    "s16": (32768.0, 0.0),
+    "s32": (2147483648.0, 0.0),
+    "s64": (9223372036854775808.0, 0.0),
+    "flt": (1.0, 0.0),
+    "dbl": (1.0, 0.0),
+}
 
 
 # Seconds decoded before a seek target so lossy decoders have warmed up by the first kept sample.
@@ -169,12 +175,13 @@ def _duration_av(file, name: str) -> float:
 
 # ----------------------------------------------------------------------------- decoding
 
+
 def _is_url(source: str) -> bool:
     return "://" in source and not source.startswith("file://")
 
 
 def _local_path(source: str) -> str:
-    return source[len("file://"):] if source.startswith("file://") else source
+    return source[len("file://") :] if source.startswith("file://") else source
 
 
 def _read_soundfile(file, name: str, start: float | None, end: float | None) -> tuple[np.ndarray, int]:
@@ -184,8 +191,9 @@ def _read_soundfile(file, name: str, start: float | None, end: float | None) -> 
         first = int(round((start or 0.0) * sr))
         last = None if end is None else int(round(end * sr))
         if f.frames > 0 and first >= f.frames:
-            raise AudioError(name, f"segment starts at {start:.3f} s, past the end of the audio "
-                                   f"({f.frames / sr:.3f} s): no samples")
+            raise AudioError(
+                name, f"segment starts at {start:.3f} s, past the end of the audio ({f.frames / sr:.3f} s): no samples"
+            )
         if first > 0:
             if f.seekable():
                 f.seek(first)
@@ -216,8 +224,16 @@ def _decode(file, name: str, start: float | None, end: float | None) -> tuple[np
         return _decode_av(file, name, start, end)
 
 
-def _finish(pcm: np.ndarray, sr: int, name: str, sample_rate: int | None, mono: bool,
-            start: float | None, loudness_lufs: float | None, allow_silent: bool) -> tuple[torch.Tensor, int]:
+def _finish(
+    pcm: np.ndarray,
+    sr: int,
+    name: str,
+    sample_rate: int | None,
+    mono: bool,
+    start: float | None,
+    loudness_lufs: float | None,
+    allow_silent: bool,
+) -> tuple[torch.Tensor, int]:
     """Shared tail of load_audio/decode_bytes: checks, mono, resample, loudness."""
     if pcm.size == 0 or pcm.shape[-1] == 0:
         if start:
@@ -228,8 +244,11 @@ def _finish(pcm: np.ndarray, sr: int, name: str, sample_rate: int | None, mono: 
     wav = torch.from_numpy(pcm)
     if not allow_silent and is_silent(wav):
         rms_db = _rms_db(wav)
-        raise AudioError(name, f"silent audio: RMS level {rms_db:.1f} dBFS is below the {SILENCE_DB:.0f} dBFS "
-                               f"threshold (pass allow_silent=True to keep it)")
+        raise AudioError(
+            name,
+            f"silent audio: RMS level {rms_db:.1f} dBFS is below the {SILENCE_DB:.0f} dBFS "
+            f"threshold (pass allow_silent=True to keep it)",
+        )
     if mono:
         wav = to_mono(wav)
     if sample_rate is not None and sample_rate != sr:
@@ -248,9 +267,16 @@ def _check_span(name: str, start: float | None, end: float | None) -> None:
         raise ValueError(f"{name}: end ({end}) must be greater than start ({start or 0.0})")
 
 
-def load_audio(source: str | os.PathLike, sample_rate: int | None = None, *, mono: bool = True,
-               start: float | None = None, end: float | None = None, loudness_lufs: float | None = None,
-               allow_silent: bool = False) -> tuple[torch.Tensor, int]:
+def load_audio(
+    source: str | os.PathLike,
+    sample_rate: int | None = None,
+    *,
+    mono: bool = True,
+    start: float | None = None,
+    end: float | None = None,
+    loudness_lufs: float | None = None,
+    allow_silent: bool = False,
+) -> tuple[torch.Tensor, int]:
     """Decode a local file or an fsspec URL (s3://bucket/key, ...) -> (float32 [T] or [C, T], sample_rate).
 
     sample_rate: resample to this rate (None keeps the file's). start/end: seconds; only that span
@@ -263,14 +289,23 @@ def load_audio(source: str | os.PathLike, sample_rate: int | None = None, *, mon
         # Remote objects are read whole: clips are minutes at most, and it keeps one decoding path.
         try:
             import fsspec
+
             with fsspec.open(source, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             raise AudioError(source, "file not found") from None
         except Exception as e:  # network, credentials, bucket: the reason is in the message
             raise AudioError(source, f"cannot read: {type(e).__name__}: {e}") from None
-        return decode_bytes(data, source, sample_rate, mono=mono, start=start, end=end,
-                            loudness_lufs=loudness_lufs, allow_silent=allow_silent)
+        return decode_bytes(
+            data,
+            source,
+            sample_rate,
+            mono=mono,
+            start=start,
+            end=end,
+            loudness_lufs=loudness_lufs,
+            allow_silent=allow_silent,
+        )
 
     path = _local_path(source)
     if not os.path.exists(path):
@@ -288,9 +323,17 @@ def load_audio(source: str | os.PathLike, sample_rate: int | None = None, *, mon
     return _finish(pcm, sr, source, sample_rate, mono, start, loudness_lufs, allow_silent)
 
 
-def decode_bytes(data: bytes, name: str, sample_rate: int | None = None, *, mono: bool = True,
-                 start: float | None = None, end: float | None = None, loudness_lufs: float | None = None,
-                 allow_silent: bool = False) -> tuple[torch.Tensor, int]:
+def decode_bytes(
+    data: bytes,
+    name: str,
+    sample_rate: int | None = None,
+    *,
+    mono: bool = True,
+    start: float | None = None,
+    end: float | None = None,
+    loudness_lufs: float | None = None,
+    allow_silent: bool = False,
+) -> tuple[torch.Tensor, int]:
     """Like load_audio, for an encoded file already in memory (e.g. the flac entry of an audio shard).
     `name` is used in errors and its extension as a format hint."""
     _check_span(name, start, end)
@@ -318,6 +361,7 @@ def duration_seconds(source: str | os.PathLike) -> float:
     if _is_url(source):
         try:
             import fsspec
+
             with fsspec.open(source, "rb") as f:
                 if ext not in CONTAINER_EXTENSIONS:
                     try:  # header only: no need to download the whole object
@@ -347,6 +391,7 @@ def duration_seconds(source: str | os.PathLike) -> float:
 
 # ----------------------------------------------------------------------------- transforms
 
+
 def to_mono(wav: torch.Tensor) -> torch.Tensor:
     """[C, T] -> [T] by averaging channels (a [T] input is returned as is)."""
     return wav if wav.dim() == 1 else wav.mean(dim=0)
@@ -357,6 +402,7 @@ def resample(wav: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     if orig_sr == new_sr:
         return wav
     import torchaudio.functional as AF
+
     return AF.resample(wav, orig_sr, new_sr)
 
 
@@ -419,8 +465,9 @@ def loudness(wav: torch.Tensor, sample_rate: int) -> float:
     return -0.691 + 10 * math.log10((g * energy[:, gated]).sum(dim=0).mean().item())
 
 
-def normalize_loudness(wav: torch.Tensor, sr: int, target_lufs: float = -23.0,
-                       peak_limit: float = PEAK_LIMIT) -> torch.Tensor:
+def normalize_loudness(
+    wav: torch.Tensor, sr: int, target_lufs: float = -23.0, peak_limit: float = PEAK_LIMIT
+) -> torch.Tensor:
     """Scale to target_lufs integrated loudness, then scale down if a sample peak would exceed
     peak_limit (so loud targets cannot clip). Silent input is returned unchanged."""
     measured = loudness(wav, sr)
@@ -433,8 +480,9 @@ def normalize_loudness(wav: torch.Tensor, sr: int, target_lufs: float = -23.0,
     return out
 
 
-def segment(wav: torch.Tensor, sample_rate: int, seconds: float, *,
-            min_seconds: float = 1.0) -> list[tuple[float, float, torch.Tensor]]:
+def segment(
+    wav: torch.Tensor, sample_rate: int, seconds: float, *, min_seconds: float = 1.0
+) -> list[tuple[float, float, torch.Tensor]]:
     """Cut [T] or [C, T] audio into consecutive `seconds`-long pieces -> [(start_s, end_s, wav), ...].
 
     The last piece may be shorter and is kept only when it is at least min_seconds long (so a clip
@@ -456,9 +504,11 @@ def segment(wav: torch.Tensor, sample_rate: int, seconds: float, *,
 
 # ----------------------------------------------------------------------------- features
 
+
 @dataclass
 class MelConfig:
     """Log-mel spectrogram settings; defaults give 100 frames/s at 24 kHz."""
+
     sample_rate: int = 24000
     n_fft: int = 1024
     hop_length: int = 240
@@ -471,9 +521,11 @@ class MelConfig:
 def _mel_transform(cfg_key: tuple, device: str):
     # Built once per (config, device): the mel filterbank and window are the costly part of a call.
     import torchaudio.transforms as T
+
     sample_rate, n_fft, hop_length, n_mels, f_min, f_max = cfg_key
-    return T.MelSpectrogram(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels,
-                            f_min=f_min, f_max=f_max, power=2.0).to(device)
+    return T.MelSpectrogram(
+        sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, f_min=f_min, f_max=f_max, power=2.0
+    ).to(device)
 
 
 def log_mel(wav: torch.Tensor, cfg: MelConfig, *, floor: float = 1e-5) -> torch.Tensor:

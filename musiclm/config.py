@@ -25,8 +25,19 @@ import types
 import typing
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "deep_merge", "apply_overrides", "load_config", "load_yaml", "load_json", "section",
-           "check_keys", "require", "add_set_argument", "dump_config"]
+__all__ = [
+    "ConfigError",
+    "deep_merge",
+    "apply_overrides",
+    "load_config",
+    "load_yaml",
+    "load_json",
+    "section",
+    "check_keys",
+    "require",
+    "add_set_argument",
+    "dump_config",
+]
 
 T = TypeVar("T")
 
@@ -144,8 +155,9 @@ def check_keys(data: dict, valid: list[str] | tuple[str, ...], *, where: str) ->
     """ConfigError for the first key of ``data`` not in ``valid``, naming the closest valid one."""
     for key in data:
         if key not in valid:
-            raise ConfigError(f"{where}: unknown key {key!r}{_closest(str(key), list(valid))}; "
-                              f"valid keys: {', '.join(valid)}")
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{_closest(str(key), list(valid))}; valid keys: {', '.join(valid)}"
+            )
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -228,8 +240,14 @@ def require(ok: bool, where: str, message: str) -> None:
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
     """The one ``--set KEY=VALUE`` flag: repeatable, several values per flag, every one applies."""
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="config overrides, value parsed as YAML (repeatable), e.g. --set train.max_steps=5")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides, value parsed as YAML (repeatable), e.g. --set train.max_steps=5",
+    )
 
 
 def dump_config(cfg: dict) -> str:

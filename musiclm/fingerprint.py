@@ -13,12 +13,24 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["canonical_json", "canonical_hash", "config_sha256", "tensor_bytes", "state_dict_sha256",
-           "make_fingerprint", "hf_config_dict", "preprocessor_config_dict"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "canonical_json",
+    "canonical_hash",
+    "config_sha256",
+    "tensor_bytes",
+    "state_dict_sha256",
+    "make_fingerprint",
+    "hf_config_dict",
+    "preprocessor_config_dict",
+]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -145,9 +157,7 @@ _DROP_CONFIG_KEYS = {
 
 def _filter_config(d: Any) -> Any:
     if isinstance(d, Mapping):
-        return {
-            k: _filter_config(v) for k, v in d.items() if k not in _DROP_CONFIG_KEYS and not str(k).startswith("_")
-        }
+        return {k: _filter_config(v) for k, v in d.items() if k not in _DROP_CONFIG_KEYS and not str(k).startswith("_")}
     return d
 
 

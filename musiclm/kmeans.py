@@ -13,7 +13,8 @@ All are deterministic for a seed and input order.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,15 +22,17 @@ import torch
 __all__ = ["fit_kmeans", "fit_model", "kmeans"]
 
 
-def fit_model(x: np.ndarray, k: int, *, seed: int = 0, max_iter: int = 100, batch_size: int = 4096,
-              minibatch: bool = True):
+def fit_model(
+    x: np.ndarray, k: int, *, seed: int = 0, max_iter: int = 100, batch_size: int = 4096, minibatch: bool = True
+):
     """sklearn k-means fitted on ``x [N, D]``: ``MiniBatchKMeans`` (``n_init=3``, no labels kept)
     when ``minibatch``, else ``KMeans`` (``n_init=1``)."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
     if minibatch:
-        model = MiniBatchKMeans(n_clusters=k, batch_size=batch_size, random_state=seed, n_init=3, max_iter=max_iter,
-                                compute_labels=False)
+        model = MiniBatchKMeans(
+            n_clusters=k, batch_size=batch_size, random_state=seed, n_init=3, max_iter=max_iter, compute_labels=False
+        )
     else:
         model = KMeans(n_clusters=k, random_state=seed, n_init=1, max_iter=max_iter)
     with warnings.catch_warnings():

@@ -11,7 +11,8 @@ Used for acoustic tokenizers (:mod:`musiclm.codec`), semantic feature types
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 __all__ = ["Registry"]
 

@@ -40,16 +40,23 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from .data import storage
+from .fingerprint import (
+    canonical_json,
+    config_sha256,
+    hf_config_dict,
+    make_fingerprint,
+    preprocessor_config_dict,
+    state_dict_sha256,
+)
 from .kmeans import fit_kmeans
 from .registry import Registry
-from .fingerprint import (canonical_json, config_sha256, hf_config_dict, make_fingerprint, preprocessor_config_dict,
-                          state_dict_sha256)
 from .tensors import as_batch, dtype_name, resolve_torch_dtype
 
 __all__ = [
@@ -109,7 +116,7 @@ def pool_frames_by_time(frames: torch.Tensor, frame_seconds: float, num_frames: 
     return torch.einsum("tn,bnc->btc", w, frames.float()).to(frames.dtype)
 
 
-FEATURES: Registry[type["SemanticFeatures"]] = Registry("semantic feature")
+FEATURES: Registry[type[SemanticFeatures]] = Registry("semantic feature")
 
 
 def register_features(name: str):
@@ -148,7 +155,7 @@ class SemanticFeatures:
     kind = "semantic_features"
     needs_model = False  # hf / mulan: a model id or directory is required
 
-    def __new__(cls, type: str = "mfcc", *args: Any, **kwargs: Any) -> "SemanticFeatures":
+    def __new__(cls, type: str = "mfcc", *args: Any, **kwargs: Any) -> SemanticFeatures:
         if cls is SemanticFeatures:
             if type not in FEATURES:
                 raise ValueError(f"semantic feature type must be one of {feature_types()}, got {type!r}")
@@ -186,7 +193,7 @@ class SemanticFeatures:
         self.trust_remote_code = bool(trust_remote_code)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], device: str | torch.device = "cpu") -> "SemanticFeatures":
+    def from_config(cls, cfg: Mapping[str, Any], device: str | torch.device = "cpu") -> SemanticFeatures:
         cfg = dict(cfg)
         cfg.setdefault("device", device)
         return cls(**cfg)
@@ -289,9 +296,7 @@ class HFLayerFeatures(SemanticFeatures):
             from transformers import AutoFeatureExtractor
 
             try:
-                self._fe = AutoFeatureExtractor.from_pretrained(
-                    self.model_id, trust_remote_code=self.trust_remote_code
-                )
+                self._fe = AutoFeatureExtractor.from_pretrained(self.model_id, trust_remote_code=self.trust_remote_code)
             except (OSError, ValueError, KeyError, TypeError):
                 self._fe = None  # raw waveform as input_values
             self._fe_loaded = True
@@ -302,9 +307,7 @@ class HFLayerFeatures(SemanticFeatures):
         if self._model is None:
             from transformers import AutoModel
 
-            model = AutoModel.from_pretrained(
-                self.model_id, dtype=self.dtype, trust_remote_code=self.trust_remote_code
-            )
+            model = AutoModel.from_pretrained(self.model_id, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
             model.eval().requires_grad_(False)
             self._truncate(model)
             self._model = model.to(self.device)
@@ -320,7 +323,7 @@ class HFLayerFeatures(SemanticFeatures):
         if enc is not None and isinstance(getattr(enc, "layers", None), torch.nn.ModuleList):
             parent = enc
         else:
-            for name, mod in model.named_modules():
+            for mod in model.modules():
                 lst = getattr(mod, "layers", None)
                 if isinstance(lst, torch.nn.ModuleList) and len(lst) == n_layers:
                     parent = mod
@@ -349,15 +352,11 @@ class HFLayerFeatures(SemanticFeatures):
             wav = torch.nn.functional.pad(wav, (0, min_len - wav.shape[1]))
         fe = self.feature_extractor
         if fe is not None:
-            inputs = fe(
-                [w.numpy() for w in wav], sampling_rate=self.sample_rate, return_tensors="pt", padding=True
-            )
+            inputs = fe([w.numpy() for w in wav], sampling_rate=self.sample_rate, return_tensors="pt", padding=True)
             inputs = {k: v.to(self.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         else:
             inputs = {model.main_input_name: wav}
-        inputs = {
-            k: (v.to(self.dtype) if v.is_floating_point() else v).to(self.device) for k, v in inputs.items()
-        }
+        inputs = {k: (v.to(self.dtype) if v.is_floating_point() else v).to(self.device) for k, v in inputs.items()}
         self._captured.clear()
         try:
             if self._use_hook:
@@ -405,7 +404,8 @@ class _TorchaudioFeatures(SemanticFeatures):
     def _torchaudio_transform(self):
         if self._transform is None:
             self._transform = self._make_transform(
-                dict(n_fft=400, win_length=400, hop_length=160, n_mels=self.n_mels, center=True))
+                dict(n_fft=400, win_length=400, hop_length=160, n_mels=self.n_mels, center=True)
+            )
         return self._transform
 
     def _frames(self, x: torch.Tensor) -> torch.Tensor:
@@ -427,8 +427,9 @@ class MFCCFeatures(_TorchaudioFeatures):
     def _make_transform(self, mel: dict):
         import torchaudio
 
-        return torchaudio.transforms.MFCC(sample_rate=self.sample_rate, n_mfcc=self.n_mfcc, log_mels=True,
-                                          melkwargs=mel)
+        return torchaudio.transforms.MFCC(
+            sample_rate=self.sample_rate, n_mfcc=self.n_mfcc, log_mels=True, melkwargs=mel
+        )
 
     def config(self) -> dict:
         cfg = super().config()
@@ -508,7 +509,7 @@ class MuLaNLayerFeatures(SemanticFeatures):
         pieces = []
         for s in range(0, max(t, 1), win):
             full = s + win - hop < t
-            chunk = wav[:, s: s + win - hop] if full else wav[:, s:]
+            chunk = wav[:, s : s + win - hop] if full else wav[:, s:]
             if chunk.shape[1] < m["min_samples"]:
                 if s > 0:
                     break
@@ -525,9 +526,16 @@ class MuLaNLayerFeatures(SemanticFeatures):
     def config(self) -> dict:
         cfg = super().config()
         m = self.mulan
-        cfg.update(layer=self.layer, freq=self.freq, dim=self.dim, mulan_audio_config=m["audio_config"],
-                   mulan_dim=m["mulan_dim"], native_frame_seconds=m["patch_seconds"],
-                   window_patches=m["window_patches"], pooling="time-overlap")
+        cfg.update(
+            layer=self.layer,
+            freq=self.freq,
+            dim=self.dim,
+            mulan_audio_config=m["audio_config"],
+            mulan_dim=m["mulan_dim"],
+            native_frame_seconds=m["patch_seconds"],
+            window_patches=m["window_patches"],
+            pooling="time-overlap",
+        )
         return cfg
 
     def weights_sha256(self) -> str | None:
@@ -544,8 +552,8 @@ def _load_mulan_tower(path: str, layer: int, device: torch.device) -> dict:
     import copy
     import math
 
-    from .mulan.model import SpectrogramTransformer
     from .mulan.checkpoint import load_mulan
+    from .mulan.model import SpectrogramTransformer
 
     model = load_mulan(path)
     acfg = dict(model.config["audio"])
@@ -554,7 +562,8 @@ def _load_mulan_tower(path: str, layer: int, device: torch.device) -> dict:
         raise ValueError(
             f"semantic features of type 'mulan' need a MuLaN with audio.kind 'spectrogram' (our ViT tower); "
             f"{path} has audio.kind {acfg.get('kind')!r} (an ASTModel tower is not supported: use "
-            f"type 'hf' on the AST directory instead)")
+            f"type 'hf' on the AST directory instead)"
+        )
     n_layers = len(tower.encoder.layers)
     if not 1 <= int(layer) <= n_layers:
         raise ValueError(f"layer {layer} out of range 1..{n_layers} for the MuLaN audio tower in {path}")

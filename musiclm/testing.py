@@ -58,17 +58,43 @@ def synthetic_fingerprints(tokens: dict) -> dict:
     t = dict(tokens)
     ns = list(t.get("cond_namespaces", ["semantic", "coarse", "fine"]))
     return {
-        "acoustic": {"kind": "acoustic", "name": "synthetic", "config": {}, "weights_sha256": "0" * 64,
-                     "sample_rate": 24000, "frame_rate": float(t["acoustic_rate"]),
-                     "levels": int(t["acoustic_levels"]), "codebook_size": int(t["acoustic_codebook"])},
-        "semantic": {"kind": "semantic", "name": "synthetic", "config": {}, "weights_sha256": "0" * 64,
-                     "sample_rate": 16000, "frame_rate": float(t["semantic_rate"]),
-                     "vocab_size": int(t["semantic_vocab"])},
-        "mulan": {"kind": "mulan", "name": "synthetic", "config": {}, "weights_sha256": "0" * 64,
-                  "sample_rate": 24000, "dim": 8},
-        "quantizer": {"kind": "quantizer", "name": "synthetic", "config": {}, "weights_sha256": "0" * 64,
-                      "sample_rate": 0, "namespaces": ns, "levels": int(t["cond_levels"]),
-                      "codebook_size": int(t["cond_codebook"])},
+        "acoustic": {
+            "kind": "acoustic",
+            "name": "synthetic",
+            "config": {},
+            "weights_sha256": "0" * 64,
+            "sample_rate": 24000,
+            "frame_rate": float(t["acoustic_rate"]),
+            "levels": int(t["acoustic_levels"]),
+            "codebook_size": int(t["acoustic_codebook"]),
+        },
+        "semantic": {
+            "kind": "semantic",
+            "name": "synthetic",
+            "config": {},
+            "weights_sha256": "0" * 64,
+            "sample_rate": 16000,
+            "frame_rate": float(t["semantic_rate"]),
+            "vocab_size": int(t["semantic_vocab"]),
+        },
+        "mulan": {
+            "kind": "mulan",
+            "name": "synthetic",
+            "config": {},
+            "weights_sha256": "0" * 64,
+            "sample_rate": 24000,
+            "dim": 8,
+        },
+        "quantizer": {
+            "kind": "quantizer",
+            "name": "synthetic",
+            "config": {},
+            "weights_sha256": "0" * 64,
+            "sample_rate": 0,
+            "namespaces": ns,
+            "levels": int(t["cond_levels"]),
+            "codebook_size": int(t["cond_codebook"]),
+        },
     }
 
 
@@ -103,14 +129,29 @@ def synthetic_sample(key: str, rng: np.random.Generator, tokens: dict, seconds: 
         "semantic.npy": sem.astype(np.int16),
         "mulan.npy": rng.standard_normal(8).astype(np.float16),
         "cond.npy": cond.astype(np.int16),
-        "json": {"clip_id": key.split("__")[0], "caption": "synthetic", "source": "synthetic",
-                 "start": 0.0, "end": float(seconds), "sample_rate": 24000, "tags": {}},
+        "json": {
+            "clip_id": key.split("__")[0],
+            "caption": "synthetic",
+            "source": "synthetic",
+            "start": 0.0,
+            "end": float(seconds),
+            "sample_rate": 24000,
+            "tags": {},
+        },
     }
 
 
-def make_synthetic_token_shards(directory: str, tokens: dict, *, n_train: int = 64, n_eval: int = 16,
-                                seconds: float = 4.0, samples_per_shard: int = 16, seed: int = 0,
-                                fingerprints: dict | None = None) -> dict:
+def make_synthetic_token_shards(
+    directory: str,
+    tokens: dict,
+    *,
+    n_train: int = 64,
+    n_eval: int = 16,
+    seconds: float = 4.0,
+    samples_per_shard: int = 16,
+    seed: int = 0,
+    fingerprints: dict | None = None,
+) -> dict:
     """Write train/eval token shards + index.json of synthetic samples into ``directory``."""
     from musiclm.data.shards import ShardWriter, write_index
 
@@ -127,8 +168,9 @@ def make_synthetic_token_shards(directory: str, tokens: dict, *, n_train: int = 
     return write_index(directory, all_shards, kind="tokens", fingerprints=fps)
 
 
-def make_synthetic_audio_shards(directory: str, *, n_train: int = 32, n_eval: int = 8, seconds: float = 10.0,
-                                sample_rate: int = 24000) -> dict:
+def make_synthetic_audio_shards(
+    directory: str, *, n_train: int = 32, n_eval: int = 8, seconds: float = 10.0, sample_rate: int = 24000
+) -> dict:
     """Audio shards (train + eval) of demo-corpus beats with their captions, for MuLaN/codec runs."""
     import soundfile as sf
 
@@ -142,10 +184,21 @@ def make_synthetic_audio_shards(directory: str, *, n_train: int = 32, n_eval: in
                 rec, wav = make_clip(0, i, seconds=seconds, sample_rate=sample_rate)
                 buf = io.BytesIO()
                 sf.write(buf, wav, sample_rate, format="FLAC", subtype="PCM_16")
-                w.write({"__key__": f"{rec['id']}__0000", "flac": buf.getvalue(),
-                         "json": {"clip_id": rec["id"], "caption": rec["caption"], "source": "synthetic",
-                                  "start": 0.0, "end": seconds, "sample_rate": sample_rate,
-                                  "tags": {"bpm": rec["bpm"], "style": rec["style"]}}})
+                w.write(
+                    {
+                        "__key__": f"{rec['id']}__0000",
+                        "flac": buf.getvalue(),
+                        "json": {
+                            "clip_id": rec["id"],
+                            "caption": rec["caption"],
+                            "source": "synthetic",
+                            "start": 0.0,
+                            "end": seconds,
+                            "sample_rate": sample_rate,
+                            "tags": {"bpm": rec["bpm"], "style": rec["style"]},
+                        },
+                    }
+                )
         shards.extend(w.close())
     return write_index(directory, shards, kind="audio", fingerprints={})
 
@@ -186,13 +239,18 @@ class MotoServer:
             return [exe, "-H", self.host, "-p", str(self.port)]
         return [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
 
-    def start(self) -> "MotoServer":
-        self.proc = subprocess.Popen(self._command(), stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    def start(self) -> MotoServer:
+        self.proc = subprocess.Popen(
+            self._command(), stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.log.seek(0)
-                raise RuntimeError(f"moto_server exited with {self.proc.returncode}: {self.log.read()[-2000:].decode(errors='replace')}")
+                raise RuntimeError(
+                    f"moto_server exited with {self.proc.returncode}: "
+                    f"{self.log.read()[-2000:].decode(errors='replace')}"
+                )
             try:
                 with urllib.request.urlopen(self.endpoint + "/", timeout=1):
                     return self
@@ -218,13 +276,15 @@ class MotoServer:
 
         name = name or f"musiclm-{uuid.uuid4().hex[:10]}"
         fs = s3fs.S3FileSystem(
-            key="testing", secret="testing", endpoint_url=self.endpoint,
+            key="testing",
+            secret="testing",
+            endpoint_url=self.endpoint,
             skip_instance_cache=True,
         )
         fs.mkdir(name)
         return f"s3://{name}"
 
-    def __enter__(self) -> "MotoServer":
+    def __enter__(self) -> MotoServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -30,8 +30,9 @@ import copy
 import json
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,10 +40,10 @@ import torch
 from .codec import AcousticTokenizer, build_acoustic
 from .data import storage
 from .fingerprint import canonical_json
-from .tensors import as_batch
 from .mulan import AudioTextEmbedder, build_embedder
 from .quantize import QUANTIZER_PRESETS, MuLaNEmbedQuantizer, auto_codebook_size
 from .semantic import SemanticFeatures, SemanticTokenizer, build_semantic
+from .tensors import as_batch
 
 __all__ = [
     "BUNDLE_FILE",
@@ -277,7 +278,7 @@ class TokenizerBundle:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str = "cpu", check: bool = True) -> "TokenizerBundle":
+    def load(cls, directory: str | os.PathLike, device: str = "cpu", check: bool = True) -> TokenizerBundle:
         """Load a directory written by :meth:`save`; with ``check`` the rebuilt tokenizers'
         fingerprints must equal the saved ones (loads every model), else :class:`BundleMismatch`."""
         directory = os.path.abspath(os.fspath(directory))
@@ -292,7 +293,8 @@ class TokenizerBundle:
                     fields = sorted(
                         k
                         for k in set(saved.get(name) or {}) | set(now.get(name) or {})
-                        if canonical_json((saved.get(name) or {}).get(k)) != canonical_json((now.get(name) or {}).get(k))
+                        if canonical_json((saved.get(name) or {}).get(k))
+                        != canonical_json((now.get(name) or {}).get(k))
                     )
                     raise BundleMismatch(f"tokenizer bundle {directory}: {name} fingerprint differs in {fields}")
         return bundle
@@ -304,7 +306,9 @@ def _int16(x: torch.Tensor, vocab: int, what: str) -> np.ndarray:
     return x.cpu().numpy().astype(np.int16)
 
 
-def build_tokenizers(cfg: Mapping[str, Any], base_dir: str | os.PathLike | None = None, device: str = "cpu") -> TokenizerBundle:
+def build_tokenizers(
+    cfg: Mapping[str, Any], base_dir: str | os.PathLike | None = None, device: str = "cpu"
+) -> TokenizerBundle:
     """Build a :class:`TokenizerBundle` from a ``tokenizers`` config section (see module doc).
 
     Sections that are absent give ``None`` parts. Nothing is loaded until used.

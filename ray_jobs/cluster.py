@@ -23,9 +23,11 @@ def init_ray(args) -> dict:
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address and address.startswith("http"):
-        raise SystemExit(f"RAY_ADDRESS={address} is a dashboard URL (for `ray job submit`); "
-                         f"submit the job with `ray job submit --working-dir . -- python {sys.argv[0]} ...` "
-                         f"or set RAY_ADDRESS to the GCS address (host:6379)")
+        raise SystemExit(
+            f"RAY_ADDRESS={address} is a dashboard URL (for `ray job submit`); "
+            f"submit the job with `ray job submit --working-dir . -- python {sys.argv[0]} ...` "
+            f"or set RAY_ADDRESS to the GCS address (host:6379)"
+        )
     kwargs: dict[str, Any] = dict(ignore_reinit_error=True, log_to_driver=True, logging_level="WARNING")
     if address:
         fwd = forwarded_env()
@@ -49,18 +51,27 @@ def init_ray(args) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(getattr(args, "progress", False))
     ctx.print_on_execution_start = bool(getattr(args, "progress", False))
-    return {"mode": mode, "address": address or "local", "cpus": float(res.get("CPU", 1)),
-            "gpus": float(res.get("GPU", 0))}
-
+    return {
+        "mode": mode,
+        "address": address or "local",
+        "cpus": float(res.get("CPU", 1)),
+        "gpus": float(res.get("GPU", 0)),
+    }
 
 
 # Storage settings the workers need to reach s3:// (moto, MinIO...). A local Ray's workers inherit
 # the driver's environment; a cluster's do not, so a driver that joins a cluster passes these on.
 # Inside `ray job submit` the job's own runtime_env is used as it is (pass them with
 # --runtime-env-json '{"env_vars": {...}}').
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
-
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
 
 
 def forwarded_env() -> dict:
@@ -88,10 +99,17 @@ def worker_plan(args, ray_info: dict) -> dict:
         cpus_per = args.cpus_per_worker or min(1.0, max(0.1, (cpus - reserve) / workers))
         device = "cpu"
     if workers * cpus_per + reserve > cpus + 1e-6:
-        log.warning(f"{workers} workers x {cpus_per} CPUs + {reserve} for tasks > {cpus} CPUs in the cluster: "
-            f"the pool may wait for resources")
-    return {"workers": int(workers), "cpus_per_worker": float(cpus_per), "gpus_per_worker": float(gpus_per),
-            "device": device, "threads": max(1, int(math.floor(cpus_per + 1e-9)))}
+        log.warning(
+            f"{workers} workers x {cpus_per} CPUs + {reserve} for tasks > {cpus} CPUs in the cluster: "
+            f"the pool may wait for resources"
+        )
+    return {
+        "workers": int(workers),
+        "cpus_per_worker": float(cpus_per),
+        "gpus_per_worker": float(gpus_per),
+        "device": device,
+        "threads": max(1, int(math.floor(cpus_per + 1e-9))),
+    }
 
 
 def resolve_device(device: str) -> str:

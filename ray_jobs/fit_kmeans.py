@@ -1,7 +1,8 @@
 """Fit the semantic tokenizer's k-means on features of a sample of the corpus.
 
     python ray_jobs/fit_kmeans.py --manifest data/rapbeats/manifest.jsonl --config launch/configs/tokenizers.yaml
-    ray job submit --working-dir . -- python ray_jobs/fit_kmeans.py --manifest M --config C --out /shared/kmeans.safetensors
+    ray job submit --working-dir . -- \
+        python ray_jobs/fit_kmeans.py --manifest M --config C --out /shared/kmeans.safetensors
 
 Ray Data decodes and segments a deterministic sample of clips (``--max-clips``) in CPU tasks; an
 actor pool of the configured feature model (``tokenizers.semantic.features``: w2v-BERT / HuBERT /
@@ -41,8 +42,7 @@ def _clip_rng(seed: int, clip_id: str) -> np.random.Generator:
 class FeatureActor:
     """Semantic feature model replica: group of segments -> sampled feature frames [N, D]."""
 
-    def __init__(self, feats_cfg: dict, device: str, threads: int, batch_size: int, frames_per_clip: int,
-                 seed: int):
+    def __init__(self, feats_cfg: dict, device: str, threads: int, batch_size: int, frames_per_clip: int, seed: int):
         import torch
 
         from musiclm.semantic import SemanticFeatures
@@ -66,8 +66,11 @@ class FeatureActor:
                     feats = self.feats(wav).numpy()  # [B, T_s, D]
                 except Exception as e:
                     for s in chunk:
-                        errors.append(S.error_record(clips[s["clip_id"]], "tokenize_failed",
-                                                     f"{type(e).__name__}: {e}", stage="features"))
+                        errors.append(
+                            S.error_record(
+                                clips[s["clip_id"]], "tokenize_failed", f"{type(e).__name__}: {e}", stage="features"
+                            )
+                        )
                     continue
                 for s, f in zip(chunk, feats):
                     per_clip.setdefault(s["clip_id"], []).append(f)
@@ -84,9 +87,14 @@ class FeatureActor:
             used = set(per_clip) - failed
             dim = rows[0].shape[-1] if rows else 0
             frames = np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
-            rec = fit_record(group, meta, used, errors, seconds,
-                             {"decode_s": round(meta["decode_s"], 4), "model_s": round(time.time() - t0, 4),
-                              "actor": self.ready})
+            rec = fit_record(
+                group,
+                meta,
+                used,
+                errors,
+                seconds,
+                {"decode_s": round(meta["decode_s"], 4), "model_s": round(time.time() - t0, 4), "actor": self.ready},
+            )
             rec["frames"] = int(len(frames))
             out["record"].append(json.dumps(rec))
             out["arrays"].append(pack_arrays({"frames": frames}))
@@ -117,17 +125,31 @@ def _setup(job: Job) -> None:
     job.sample_rate = int(feats.sample_rate)
     job.segment_seconds = float(args.segment_seconds or cfg.get("segment_seconds") or 10.0)
     job.describe = f"features {feats!r} at {job.sample_rate} Hz, k={clusters} -> {out}"
-    job.data.update(out=out, clusters=clusters, feats=feats, feats_cfg=feats_cfg,
-                    frames_per_clip=int(args.frames_per_clip or fit.get("frames_per_clip", 250)),
-                    max_frames=int(args.max_frames or fit.get("max_frames", 500_000)))
+    job.data.update(
+        out=out,
+        clusters=clusters,
+        feats=feats,
+        feats_cfg=feats_cfg,
+        frames_per_clip=int(args.frames_per_clip or fit.get("frames_per_clip", 250)),
+        max_frames=int(args.max_frames or fit.get("max_frames", 500_000)),
+    )
 
 
 def _stages(job: Job, ds):
     wp = job.worker_plan()
-    return actor_stage(ds, FeatureActor, wp,
-                       dict(feats_cfg=job.data["feats_cfg"], frames_per_clip=job.data["frames_per_clip"],
-                            seed=job.args.seed, device=wp["device"], threads=wp["threads"],
-                            batch_size=job.args.batch_size))
+    return actor_stage(
+        ds,
+        FeatureActor,
+        wp,
+        dict(
+            feats_cfg=job.data["feats_cfg"],
+            frames_per_clip=job.data["frames_per_clip"],
+            seed=job.args.seed,
+            device=wp["device"],
+            threads=wp["threads"],
+            batch_size=job.args.batch_size,
+        ),
+    )
 
 
 def _complete(job: Job) -> dict:
@@ -145,14 +167,16 @@ def _complete(job: Job) -> dict:
     fit_s = time.time() - t_fit
     save_file_output(out, lambda path: save_centroids(path, centroids, job.data["feats"].config()))
     summary = job.fit_summary(out)
-    summary.update(frames=int(len(x)), clusters=int(centroids.shape[0]), dim=int(centroids.shape[1]),
-                   fit_s=round(fit_s, 3))
+    summary.update(
+        frames=int(len(x)), clusters=int(centroids.shape[0]), dim=int(centroids.shape[1]), fit_s=round(fit_s, 3)
+    )
     return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_job("fit_kmeans", __doc__, argv, setup=_setup, stages=_stages, complete=_complete,
-                   add_arguments=_add_arguments)
+    return run_job(
+        "fit_kmeans", __doc__, argv, setup=_setup, stages=_stages, complete=_complete, add_arguments=_add_arguments
+    )
 
 
 if __name__ == "__main__":

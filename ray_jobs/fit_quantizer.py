@@ -63,16 +63,24 @@ class EmbedActor:
                     emb = self.embedder.embed_audio(wav).float().numpy()  # [B, D]
                 except Exception as e:
                     for s in chunk:
-                        errors.append(S.error_record(clips[s["clip_id"]], "tokenize_failed",
-                                                     f"{type(e).__name__}: {e}", stage="embed"))
+                        errors.append(
+                            S.error_record(
+                                clips[s["clip_id"]], "tokenize_failed", f"{type(e).__name__}: {e}", stage="embed"
+                            )
+                        )
                     continue
                 got += [(s["clip_id"], e, s["end"] - s["start"]) for s, e in zip(chunk, emb)]
             failed = {e["clip_id"] for e in errors}
             kept = [(c, e, sec) for c, e, sec in got if c not in failed]
             emb = np.stack([e for _, e, _ in kept]) if kept else np.zeros((0, 0), np.float32)
-            rec = fit_record(group, meta, {c for c, _, _ in kept}, errors, sum(sec for _, _, sec in kept),
-                             {"decode_s": round(meta["decode_s"], 4), "model_s": round(time.time() - t0, 4),
-                              "actor": self.ready})
+            rec = fit_record(
+                group,
+                meta,
+                {c for c, _, _ in kept},
+                errors,
+                sum(sec for _, _, sec in kept),
+                {"decode_s": round(meta["decode_s"], 4), "model_s": round(time.time() - t0, 4), "actor": self.ready},
+            )
             out["record"].append(json.dumps(rec))
             out["arrays"].append(pack_arrays({"embeddings": emb.astype(np.float32)}))
         return out
@@ -106,8 +114,14 @@ def _setup(job: Job) -> None:
 
 def _stages(job: Job, ds):
     wp = job.worker_plan()
-    return actor_stage(ds, EmbedActor, wp, dict(mulan_cfg=job.data["mulan_cfg"], device=wp["device"],
-                                                threads=wp["threads"], batch_size=job.args.batch_size))
+    return actor_stage(
+        ds,
+        EmbedActor,
+        wp,
+        dict(
+            mulan_cfg=job.data["mulan_cfg"], device=wp["device"], threads=wp["threads"], batch_size=job.args.batch_size
+        ),
+    )
 
 
 def _complete(job: Job) -> dict:
@@ -123,26 +137,35 @@ def _complete(job: Job) -> dict:
         # Only the quantizer section: its preset / levels / codebook_size / namespaces; no model loads.
         # codebook_size: auto -> sized to len(x) (musiclm.quantize.auto_codebook_size)
         quant = build_tokenizers({"quantizer": job.data["quantizer_cfg"]}).new_quantizer(
-            dim=int(x.shape[1]), num_embeddings=len(x))
+            dim=int(x.shape[1]), num_embeddings=len(x)
+        )
         t_fit = time.time()
         quant.fit(x, seed=args.seed, max_samples=args.max_samples)
     fit_s = time.time() - t_fit
     save_dir_output(out, quant.save)
     summary = job.fit_summary(out)
     cos = quant.reconstruction_cosine(x[: min(len(x), 2048)])
-    summary.update(embeddings=int(len(x)), dim=int(x.shape[1]), fit_s=round(fit_s, 3),
-                   levels=int(quant.levels), codebook_size=int(quant.codebook_size),
-                   reconstruction_cosine={k: round(float(v), 4) for k, v in cos.items()},
-                   fingerprint_weights_sha256=quant.fingerprint().get("weights_sha256"))
+    summary.update(
+        embeddings=int(len(x)),
+        dim=int(x.shape[1]),
+        fit_s=round(fit_s, 3),
+        levels=int(quant.levels),
+        codebook_size=int(quant.codebook_size),
+        reconstruction_cosine={k: round(float(v), 4) for k, v in cos.items()},
+        fingerprint_weights_sha256=quant.fingerprint().get("weights_sha256"),
+    )
     if len(x) < 4 * quant.codebook_size:
-        log.info(f"[fit_quantizer] note: {len(x)} embeddings for codebooks of {quant.codebook_size} codes: many "
-                 f"codes stay empty and text/audio rarely share tokens; `codebook_size: auto` sizes them to the corpus")
+        log.info(
+            f"[fit_quantizer] note: {len(x)} embeddings for codebooks of {quant.codebook_size} codes: many "
+            f"codes stay empty and text/audio rarely share tokens; `codebook_size: auto` sizes them to the corpus"
+        )
     return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_job("fit_quantizer", __doc__, argv, setup=_setup, stages=_stages, complete=_complete,
-                   add_arguments=_add_arguments)
+    return run_job(
+        "fit_quantizer", __doc__, argv, setup=_setup, stages=_stages, complete=_complete, add_arguments=_add_arguments
+    )
 
 
 if __name__ == "__main__":

@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from musiclm.logs import get_logger, setup_logging
 from musiclm.testing import group_delay_seconds
-
 from ray_jobs import job_args
 from ray_jobs.cluster import init_ray, worker_plan
 from ray_jobs.output import Progress, errors_url, fit_summary, print_summary, write_errors
@@ -73,16 +73,24 @@ class Job:
         errors = self.plan_errors + [e for r in self.records for e in r["errors"]]
         errors_file = errors_url(out)
         write_errors(errors_file, errors)
-        summary = fit_summary(self.name, out, self.records, errors, self.progress, self.worker_plan(), self.ray_info,
-                              self.t_start)
+        summary = fit_summary(
+            self.name, out, self.records, errors, self.progress, self.worker_plan(), self.ray_info, self.t_start
+        )
         summary["errors_file"] = errors_file
         return summary
 
 
-def run_job(name: str, doc: str, argv: list[str] | None, *, setup: Callable[[Job], None],
-            stages: Callable[[Job, Any], Any], complete: Callable[[Job], dict],
-            add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-            shard_clips: int | None = None) -> dict:
+def run_job(
+    name: str,
+    doc: str,
+    argv: list[str] | None,
+    *,
+    setup: Callable[[Job], None],
+    stages: Callable[[Job, Any], Any],
+    complete: Callable[[Job], dict],
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    shard_clips: int | None = None,
+) -> dict:
     """Run a job (see the module docstring); returns the summary it printed.
 
     ``shard_clips`` set: a shard job (``--out`` root, ``--clips-per-shard`` defaulting to it, resume
@@ -98,8 +106,15 @@ def run_job(name: str, doc: str, argv: list[str] | None, *, setup: Callable[[Job
         add_arguments(p)
     args = p.parse_args(argv)
     setup_logging()
-    job = Job(name=name, args=args, cfg={}, parser=p, t_start=time.time(), shard_job=shard_clips is not None,
-              group_delay=group_delay_seconds())
+    job = Job(
+        name=name,
+        args=args,
+        cfg={},
+        parser=p,
+        t_start=time.time(),
+        shard_job=shard_clips is not None,
+        group_delay=group_delay_seconds(),
+    )
     job.cfg = job_args.load_config(args.config, args.set)
     setup(job)
 
@@ -111,8 +126,10 @@ def run_job(name: str, doc: str, argv: list[str] | None, *, setup: Callable[[Job
             job.state = WorkState(job.out_dir)
             resumed = job.state.check_plan(job.plan, args.overwrite)
             job.pending = pending_groups(job.groups, job.state, retry_failed=args.retry_failed)
-            log.info(f"[{name}] {job.plan['clips']} clips in {len(job.groups)} groups -> {job.out_dir}"
-                     + (f" (resuming: {len(job.groups) - len(job.pending)} groups already done)" if resumed else ""))
+            log.info(
+                f"[{name}] {job.plan['clips']} clips in {len(job.groups)} groups -> {job.out_dir}"
+                + (f" (resuming: {len(job.groups) - len(job.pending)} groups already done)" if resumed else "")
+            )
         else:
             job.pending = list(job.groups)
             log.info(f"[{name}] {job.plan['clips']} clips ({len(job.groups)} tasks), {job.describe}")
@@ -121,9 +138,15 @@ def run_job(name: str, doc: str, argv: list[str] | None, *, setup: Callable[[Job
             job.ray_info = init_ray(args)
             job.progress = Progress(name, len(job.pending), sum(len(g.clips) for g in job.pending))
             ds = groups_dataset(job.pending).map(
-                decode_group, num_cpus=args.task_cpus,
-                fn_kwargs=dict(sample_rate=job.sample_rate, segment_seconds=job.segment_seconds,
-                               grid_seconds=job.grid_seconds, min_seconds=job.min_seconds))
+                decode_group,
+                num_cpus=args.task_cpus,
+                fn_kwargs=dict(
+                    sample_rate=job.sample_rate,
+                    segment_seconds=job.segment_seconds,
+                    grid_seconds=job.grid_seconds,
+                    min_seconds=job.min_seconds,
+                ),
+            )
             ds = stages(job, ds)
             if job.shard_job:
                 run_pipeline(ds, job.progress)
@@ -134,10 +157,12 @@ def run_job(name: str, doc: str, argv: list[str] | None, *, setup: Callable[[Job
         full = _disk_full(e)
         if full is None:
             raise
-        raise SystemExit(f"[{name}] no space left on the device while writing into "
-                         f"{job.out_dir or getattr(args, 'out', None) or 'the output folder'}"
-                         f" ({full}); free space there and rerun the same command: finished groups are kept "
-                         f"and the job resumes") from None
+        raise SystemExit(
+            f"[{name}] no space left on the device while writing into "
+            f"{job.out_dir or getattr(args, 'out', None) or 'the output folder'}"
+            f" ({full}); free space there and rerun the same command: finished groups are kept "
+            f"and the job resumes"
+        ) from None
     finally:
         if job.lock is not None:
             job.lock.release()

@@ -6,19 +6,26 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from musiclm.data import segments as S
 from musiclm.data import storage
 from musiclm.logs import get_logger
-
 from ray_jobs.plan import ERRORS_NAME, WorkState, write_json
 
 log = get_logger(__name__)
 
 
-def write_group(group: S.Group, samples: list[dict], errors: list[dict], *, out_dir: str, kind: str,
-                timings: dict, delay: float = 0.0) -> dict:
+def write_group(
+    group: S.Group,
+    samples: list[dict],
+    errors: list[dict],
+    *,
+    out_dir: str,
+    kind: str,
+    timings: dict,
+    delay: float = 0.0,
+) -> dict:
     """Write a group's samples as shard `<split>-<index>.tar`, then its record. Returns the record.
 
     Clips with no written sample and no error cannot occur: callers turn every dropped clip into
@@ -32,8 +39,9 @@ def write_group(group: S.Group, samples: list[dict], errors: list[dict], *, out_
     if samples:
         # One shard per group: limits high enough that the writer never rolls over into the
         # next group's shard number.
-        with ShardWriter(out_dir, group.split, kind=kind, max_samples=1 << 40, max_bytes=1 << 60,
-                         start_shard=group.index) as w:
+        with ShardWriter(
+            out_dir, group.split, kind=kind, max_samples=1 << 40, max_bytes=1 << 60, start_shard=group.index
+        ) as w:
             for s in samples:
                 w.write(s)
         shards = w.shards
@@ -42,10 +50,20 @@ def write_group(group: S.Group, samples: list[dict], errors: list[dict], *, out_
     ok_clips = sorted({s["json"]["clip_id"] for s in samples})
     failed = sorted({e["clip_id"] for e in errors})
     seconds = sum(float(s["json"]["end"]) - float(s["json"]["start"]) for s in samples)
-    record = {"group": group.name, "split": group.split, "index": group.index,
-              "clips": [c["id"] for c in group.clips], "clips_ok": ok_clips, "clips_failed": failed,
-              "segments": len(samples), "seconds": round(seconds, 3), "shards": shards, "errors": errors,
-              "timings": dict(timings, write_s=round(time.time() - t0, 4)), "finished": time.time()}
+    record = {
+        "group": group.name,
+        "split": group.split,
+        "index": group.index,
+        "clips": [c["id"] for c in group.clips],
+        "clips_ok": ok_clips,
+        "clips_failed": failed,
+        "segments": len(samples),
+        "seconds": round(seconds, 3),
+        "shards": shards,
+        "errors": errors,
+        "timings": dict(timings, write_s=round(time.time() - t0, 4)),
+        "finished": time.time(),
+    }
     missing = set(record["clips"]) - set(ok_clips) - set(failed)
     if missing or set(ok_clips) & set(failed):
         raise RuntimeError(f"group {group.name}: clip accounting broken (missing {sorted(missing)})")
@@ -84,17 +102,18 @@ class Progress:
             el = now - self.t0
             rate = self.seconds / el if el > 0 else 0.0
             eta = (self.groups - self.done_groups) * el / self.done_groups if self.done_groups else float("nan")
-            log.info(f"[{self.job}] groups {self.done_groups}/{self.groups} | clips ok {self.ok} failed {self.failed}"
+            log.info(
+                f"[{self.job}] groups {self.done_groups}/{self.groups} | clips ok {self.ok} failed {self.failed}"
                 f" of {self.clips} | segments {self.segments} | audio {self.seconds:.0f} s"
-                f" | {rate:.1f} audio-s/s | elapsed {el:.0f} s | eta {eta:.0f} s")
+                f" | {rate:.1f} audio-s/s | elapsed {el:.0f} s | eta {eta:.0f} s"
+            )
 
     def stop(self) -> None:
         self.t_end = time.time()
 
     def rates(self, workers: int) -> dict:
         el = (self.t_end or time.time()) - self.t0
-        out = {"elapsed_s": round(el, 3),
-               "audio_seconds_per_s": round(self.seconds / el, 3) if el > 0 else 0.0}
+        out = {"elapsed_s": round(el, 3), "audio_seconds_per_s": round(self.seconds / el, 3) if el > 0 else 0.0}
         # Steady state: from the moment every worker had its model loaded to the last group, the
         # audio of the groups finished in that span (actor start-up excluded; what a long job sees).
         if self.actors and len(self.actors) >= min(workers, len(self.group_times)):
@@ -109,9 +128,21 @@ class Progress:
         return out
 
 
-def finish(*, job: str, out_dir: str, kind: str, fingerprints: dict, groups: list[S.Group],
-           plan_errors: list[dict], state: WorkState, extra: dict, progress: Progress | None,
-           workers: int, ray_info: dict, t_start: float) -> dict:
+def finish(
+    *,
+    job: str,
+    out_dir: str,
+    kind: str,
+    fingerprints: dict,
+    groups: list[S.Group],
+    plan_errors: list[dict],
+    state: WorkState,
+    extra: dict,
+    progress: Progress | None,
+    workers: int,
+    ray_info: dict,
+    t_start: float,
+) -> dict:
     """All groups done: merge errors into errors.jsonl, write index.json, return the summary."""
     from musiclm.data.shards import write_index
 
@@ -122,8 +153,9 @@ def finish(*, job: str, out_dir: str, kind: str, fingerprints: dict, groups: lis
     records = state.records(g.name for g in groups)
     errors = list(plan_errors) + [e for r in records for e in r["errors"]]
     errors.sort(key=lambda e: (str(e.get("split")), str(e.get("clip_id")), str(e.get("reason"))))
-    storage.write_text_atomic(storage.join(out_dir, ERRORS_NAME),
-                              "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors))
+    storage.write_text_atomic(
+        storage.join(out_dir, ERRORS_NAME), "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors)
+    )
     by_reason: dict[str, int] = {}
     for e in errors:
         by_reason[e["reason"]] = by_reason.get(e["reason"], 0) + 1
@@ -132,22 +164,42 @@ def finish(*, job: str, out_dir: str, kind: str, fingerprints: dict, groups: lis
     clips = sum(len(r["clips"]) for r in records) + len(plan_errors)
     segments = sum(r["segments"] for r in records)
     seconds = sum(r["seconds"] for r in records)
-    index_extra = dict(extra, job=job, clips=clips, clips_ok=clips_ok, clips_failed=len(errors),
-                       failed_by_reason=by_reason, errors_file=ERRORS_NAME)
+    index_extra = dict(
+        extra,
+        job=job,
+        clips=clips,
+        clips_ok=clips_ok,
+        clips_failed=len(errors),
+        failed_by_reason=by_reason,
+        errors_file=ERRORS_NAME,
+    )
     write_index(out_dir, shards, kind=kind, fingerprints=fingerprints, extra=index_extra)
-    summary = {"job": job, "out_dir": out_dir, "clips": clips, "clips_ok": clips_ok, "clips_failed": len(errors),
-               "failed_by_reason": by_reason, "segments": segments, "shards": len(shards),
-               "audio_hours": round(seconds / 3600.0, 6), "groups": len(groups),
-               "groups_this_run": progress.done_groups if progress else 0,
-               "workers": workers, "ray": ray_info["mode"], "total_s": round(time.time() - t_start, 3)}
+    summary = {
+        "job": job,
+        "out_dir": out_dir,
+        "clips": clips,
+        "clips_ok": clips_ok,
+        "clips_failed": len(errors),
+        "failed_by_reason": by_reason,
+        "segments": segments,
+        "shards": len(shards),
+        "audio_hours": round(seconds / 3600.0, 6),
+        "groups": len(groups),
+        "groups_this_run": progress.done_groups if progress else 0,
+        "workers": workers,
+        "ray": ray_info["mode"],
+        "total_s": round(time.time() - t_start, 3),
+    }
     if progress is not None and progress.done_groups:
         summary.update(progress.rates(workers))
         summary["audio_seconds_this_run"] = round(progress.seconds, 3)
     else:
         summary["audio_seconds_per_s"] = 0.0
     if errors:
-        log.warning(f"[{job}] {len(errors)} clip(s) failed ({', '.join(f'{k}: {v}' for k, v in sorted(by_reason.items()))}); "
-            f"see {storage.join(out_dir, ERRORS_NAME)}")
+        log.warning(
+            f"[{job}] {len(errors)} clip(s) failed ({', '.join(f'{k}: {v}' for k, v in sorted(by_reason.items()))}); "
+            f"see {storage.join(out_dir, ERRORS_NAME)}"
+        )
     return summary
 
 
@@ -205,18 +257,29 @@ def save_dir_output(out: str, save: Callable[[str], None]) -> None:
                 storage.put_file(os.path.join(root, f), storage.join(out, *rel.split(os.sep)))
 
 
-def fit_summary(job: str, out: str, records: list[dict], errors: list[dict], progress, wp: dict, ray_info: dict,
-                t_start: float) -> dict:
+def fit_summary(
+    job: str, out: str, records: list[dict], errors: list[dict], progress, wp: dict, ray_info: dict, t_start: float
+) -> dict:
     """Summary of a fitting job (clips, failures by reason, audio hours, rates)."""
     by_reason: dict[str, int] = {}
     for e in errors:
         by_reason[e["reason"]] = by_reason.get(e["reason"], 0) + 1
-    summary = {"job": job, "out": out, "clips": sum(len(r["clips"]) for r in records),
-               "clips_ok": sum(len(r["clips_ok"]) for r in records), "clips_failed": len(errors),
-               "failed_by_reason": by_reason, "segments": sum(r["segments"] for r in records),
-               "audio_hours": round(sum(r["seconds"] for r in records) / 3600, 6), "workers": wp["workers"],
-               "ray": ray_info["mode"], "total_s": round(time.time() - t_start, 3)}
+    summary = {
+        "job": job,
+        "out": out,
+        "clips": sum(len(r["clips"]) for r in records),
+        "clips_ok": sum(len(r["clips_ok"]) for r in records),
+        "clips_failed": len(errors),
+        "failed_by_reason": by_reason,
+        "segments": sum(r["segments"] for r in records),
+        "audio_hours": round(sum(r["seconds"] for r in records) / 3600, 6),
+        "workers": wp["workers"],
+        "ray": ray_info["mode"],
+        "total_s": round(time.time() - t_start, 3),
+    }
     summary.update(progress.rates(wp["workers"]))
     if errors:
-        log.warning(f"[{job}] {len(errors)} clip(s) failed ({', '.join(f'{k}: {v}' for k, v in sorted(by_reason.items()))})")
+        log.warning(
+            f"[{job}] {len(errors)} clip(s) failed ({', '.join(f'{k}: {v}' for k, v in sorted(by_reason.items()))})"
+        )
     return summary

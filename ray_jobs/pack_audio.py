@@ -50,8 +50,9 @@ def encode_and_write(row: dict, *, out_dir: str, delay: float = 0.0) -> dict:
             flac = encode_flac(torch.from_numpy(S.from_int16(audio[seg["key"]])), sr)
         except Exception as e:
             bad.add(seg["clip_id"])
-            errors.append(S.error_record(clips[seg["clip_id"]], "encode_failed", f"{type(e).__name__}: {e}",
-                                         stage="encode"))
+            errors.append(
+                S.error_record(clips[seg["clip_id"]], "encode_failed", f"{type(e).__name__}: {e}", stage="encode")
+            )
             continue
         samples.append({"__key__": seg["key"], "flac": flac, "json": sample_json(clips[seg["clip_id"]], seg, sr)})
     samples = [s for s in samples if s["json"]["clip_id"] not in bad]
@@ -61,41 +62,67 @@ def encode_and_write(row: dict, *, out_dir: str, delay: float = 0.0) -> dict:
 
 
 def _add_arguments(p) -> None:
-    p.add_argument("--sample-rate", type=int, default=None, help="corpus sample rate (default: config sample_rate, else 24000)")
+    p.add_argument(
+        "--sample-rate", type=int, default=None, help="corpus sample rate (default: config sample_rate, else 24000)"
+    )
 
 
 def _setup(job: Job) -> None:
     from musiclm.data.shards import audio_shard_dir
-
     from ray_jobs.job_args import dataset_name
 
     args, cfg = job.args, job.cfg
     job.sample_rate = int(args.sample_rate or cfg.get("sample_rate", 24000))
-    job.segment_seconds = float(args.segment_seconds or cfg.get("audio_segment_seconds") or cfg.get("segment_seconds")
-                                or 10.0)
-    job.min_seconds = float(args.min_segment_seconds if args.min_segment_seconds is not None
-                            else cfg.get("min_segment_seconds", 1.0))
+    job.segment_seconds = float(
+        args.segment_seconds or cfg.get("audio_segment_seconds") or cfg.get("segment_seconds") or 10.0
+    )
+    job.min_seconds = float(
+        args.min_segment_seconds if args.min_segment_seconds is not None else cfg.get("min_segment_seconds", 1.0)
+    )
     job.grid_seconds = float(cfg.get("grid_seconds", 0.04))
     job.out_dir = audio_shard_dir(args.out, dataset_name(args))
-    job.params = {"sample_rate": job.sample_rate, "segment_seconds": job.segment_seconds,
-                  "min_segment_seconds": job.min_seconds, "grid_seconds": job.grid_seconds}
+    job.params = {
+        "sample_rate": job.sample_rate,
+        "segment_seconds": job.segment_seconds,
+        "min_segment_seconds": job.min_seconds,
+        "grid_seconds": job.grid_seconds,
+    }
 
 
 def _stages(job: Job, ds):
-    return ds.map(encode_and_write, num_cpus=job.args.task_cpus,
-                  fn_kwargs=dict(out_dir=job.out_dir, delay=job.group_delay))
+    return ds.map(
+        encode_and_write, num_cpus=job.args.task_cpus, fn_kwargs=dict(out_dir=job.out_dir, delay=job.group_delay)
+    )
 
 
 def _complete(job: Job) -> dict:
-    return finish(job="pack_audio", out_dir=job.out_dir, kind="audio", fingerprints={}, groups=job.groups,
-                  plan_errors=job.plan_errors, state=job.state,
-                  extra={"manifest": job.args.manifest, "sample_rate": job.sample_rate, "params": job.params},
-                  progress=job.progress, workers=1, ray_info=job.ray_info, t_start=job.t_start)
+    return finish(
+        job="pack_audio",
+        out_dir=job.out_dir,
+        kind="audio",
+        fingerprints={},
+        groups=job.groups,
+        plan_errors=job.plan_errors,
+        state=job.state,
+        extra={"manifest": job.args.manifest, "sample_rate": job.sample_rate, "params": job.params},
+        progress=job.progress,
+        workers=1,
+        ray_info=job.ray_info,
+        t_start=job.t_start,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_job("pack_audio", __doc__, argv, setup=_setup, stages=_stages, complete=_complete,
-                   add_arguments=_add_arguments, shard_clips=16)
+    return run_job(
+        "pack_audio",
+        __doc__,
+        argv,
+        setup=_setup,
+        stages=_stages,
+        complete=_complete,
+        add_arguments=_add_arguments,
+        shard_clips=16,
+    )
 
 
 if __name__ == "__main__":

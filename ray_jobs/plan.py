@@ -12,7 +12,8 @@ import json
 import os
 import threading
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from musiclm.data import segments as S
 from musiclm.data import storage
@@ -57,12 +58,20 @@ class JobLock:
         return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "heartbeat": time.time()}
 
     def _refuse(self, owner: dict | None) -> None:
-        who = (f"pid {owner.get('pid')} on {owner.get('host')}, started "
-               f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('started', 0)))}") if owner else "another job"
-        raise SystemExit(f"{self.out_dir} is being written by another job ({who}); wait for it to finish "
-                         f"(rerunning afterwards resumes), or write to another --out/--dataset")
+        who = (
+            (
+                f"pid {owner.get('pid')} on {owner.get('host')}, started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('started', 0)))}"
+            )
+            if owner
+            else "another job"
+        )
+        raise SystemExit(
+            f"{self.out_dir} is being written by another job ({who}); wait for it to finish "
+            f"(rerunning afterwards resumes), or write to another --out/--dataset"
+        )
 
-    def acquire(self) -> "JobLock":
+    def acquire(self) -> JobLock:
         storage.makedirs(storage.join(self.out_dir, GROUPS_DIR))
         if not storage.is_remote(self.url):
             import fcntl
@@ -133,7 +142,8 @@ class WorkState:
                 raise SystemExit(
                     f"{self.out_dir} holds the output of a different plan (manifest, clips per shard or "
                     f"segment length changed: {old.get('plan_hash')} != {plan['plan_hash']}). "
-                    f"Use a new --out/--dataset, or --overwrite to start this folder over.")
+                    f"Use a new --out/--dataset, or --overwrite to start this folder over."
+                )
             self.clear()
         storage.makedirs(self.dir)
         write_json(url, plan)
@@ -172,13 +182,29 @@ def make_plan(args, job: str, params: dict, *, clips_per_group: int) -> tuple[li
     if args.max_clips:
         clips = S.sample_clips(clips, args.max_clips, seed=args.seed)
     groups, errors = S.plan_groups(clips, clips_per_group, split_of=split_for)
-    body = {"job": job, "params": params, "clips_per_group": clips_per_group,
-            "groups": [[g.name, [c["id"] for c in g.clips]] for g in groups],
-            "clips": canonical_hash([[c["id"], c["audio"], c.get("start"), c.get("end"), c.get("caption"),
-                                        c.get("split")] for g in groups for c in g.clips])}
-    plan = {"job": job, "manifest": args.manifest, "plan_hash": canonical_hash(body), "params": params,
-            "clips_per_group": clips_per_group, "groups": len(groups),
-            "clips": sum(len(g.clips) for g in groups), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    body = {
+        "job": job,
+        "params": params,
+        "clips_per_group": clips_per_group,
+        "groups": [[g.name, [c["id"] for c in g.clips]] for g in groups],
+        "clips": canonical_hash(
+            [
+                [c["id"], c["audio"], c.get("start"), c.get("end"), c.get("caption"), c.get("split")]
+                for g in groups
+                for c in g.clips
+            ]
+        ),
+    }
+    plan = {
+        "job": job,
+        "manifest": args.manifest,
+        "plan_hash": canonical_hash(body),
+        "params": params,
+        "clips_per_group": clips_per_group,
+        "groups": len(groups),
+        "clips": sum(len(g.clips) for g in groups),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     return groups, errors, plan
 
 

@@ -30,17 +30,26 @@ def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
 def reason_of(e: Exception) -> str:
     """The errors.jsonl reason of a decoding error."""
     msg = str(getattr(e, "reason", e)).lower()
-    for needle, reason in (("not found", "missing"), ("no such file", "missing"), ("silent", "silent"),
-                           ("empty", "empty"), ("no samples", "empty"), ("cannot read", "unreadable"),
-                           ("permission", "unreadable"), ("directory", "unreadable"),
-                           ("corrupt", "corrupt"), ("unreadable", "corrupt")):
+    for needle, reason in (
+        ("not found", "missing"),
+        ("no such file", "missing"),
+        ("silent", "silent"),
+        ("empty", "empty"),
+        ("no samples", "empty"),
+        ("cannot read", "unreadable"),
+        ("permission", "unreadable"),
+        ("directory", "unreadable"),
+        ("corrupt", "corrupt"),
+        ("unreadable", "corrupt"),
+    ):
         if needle in msg:
             return reason
     return "unreadable"
 
 
-def decode_group(row: dict, *, sample_rate: int, segment_seconds: float, grid_seconds: float,
-                 min_seconds: float) -> dict:
+def decode_group(
+    row: dict, *, sample_rate: int, segment_seconds: float, grid_seconds: float, min_seconds: float
+) -> dict:
     """Ray Data `map` (CPU task): decode, check and segment every clip of a group.
 
     In: {"group": Group JSON}. Out: + "audio" (npz of int16 segments keyed by sample key) and
@@ -68,26 +77,47 @@ def decode_group(row: dict, *, sample_rate: int, segment_seconds: float, grid_se
         if problem:
             errors.append(S.error_record(clip, problem, f"{clip['audio']}: {problem} audio after decoding"))
             continue
-        bounds = S.segment_bounds(len(wav), sample_rate, segment_seconds, grid_seconds=grid_seconds,
-                                  min_seconds=min_seconds)
+        bounds = S.segment_bounds(
+            len(wav), sample_rate, segment_seconds, grid_seconds=grid_seconds, min_seconds=min_seconds
+        )
         if not bounds:
-            errors.append(S.error_record(clip, "too_short", f"{len(wav) / sample_rate:.2f} s is shorter than "
-                                                            f"the {min_seconds} s minimum segment"))
+            errors.append(
+                S.error_record(
+                    clip,
+                    "too_short",
+                    f"{len(wav) / sample_rate:.2f} s is shorter than the {min_seconds} s minimum segment",
+                )
+            )
             continue
         offset = float(clip.get("start") or 0.0)
         for i, (a, b) in enumerate(bounds):
             key = S.segment_key(clip["id"], i)
             arrays[key] = S.to_int16(wav[a:b])
-            segs.append({"key": key, "clip_id": clip["id"], "index": i,
-                         "start": round(offset + a / sample_rate, 6), "end": round(offset + b / sample_rate, 6)})
+            segs.append(
+                {
+                    "key": key,
+                    "clip_id": clip["id"],
+                    "index": i,
+                    "start": round(offset + a / sample_rate, 6),
+                    "end": round(offset + b / sample_rate, 6),
+                }
+            )
     meta = {"segments": segs, "errors": errors, "sample_rate": sample_rate, "decode_s": time.time() - t0}
     return {"group": row["group"], "audio": pack_arrays(arrays), "meta": json.dumps(meta)}
 
 
 def sample_json(clip: dict, seg: dict, sample_rate: int) -> dict:
-    return {"clip_id": clip["id"], "caption": clip.get("caption"), "source": clip.get("audio"),
-            "start": seg["start"], "end": seg["end"], "segment": seg["index"], "sample_rate": sample_rate,
-            "split": clip.get("split"), "tags": clip.get("extra") or {}}
+    return {
+        "clip_id": clip["id"],
+        "caption": clip.get("caption"),
+        "source": clip.get("audio"),
+        "start": seg["start"],
+        "end": seg["end"],
+        "segment": seg["index"],
+        "sample_rate": sample_rate,
+        "split": clip.get("split"),
+        "tags": clip.get("extra") or {},
+    }
 
 
 def groups_dataset(pending: list[S.Group]):
@@ -103,10 +133,14 @@ def actor_stage(ds, cls, wp: dict, constructor_kwargs: dict):
     import ray
 
     return ds.map_batches(
-        cls, batch_size=1, batch_format="numpy",
+        cls,
+        batch_size=1,
+        batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=wp["workers"]),
-        num_cpus=wp["cpus_per_worker"], num_gpus=wp["gpus_per_worker"] or None,
-        fn_constructor_kwargs=constructor_kwargs)
+        num_cpus=wp["cpus_per_worker"],
+        num_gpus=wp["gpus_per_worker"] or None,
+        fn_constructor_kwargs=constructor_kwargs,
+    )
 
 
 def segment_batches(segs: list[dict], audio: dict, batch_size: int):
@@ -118,16 +152,25 @@ def segment_batches(segs: list[dict], audio: dict, batch_size: int):
         by_len.setdefault(int(audio[s["key"]].shape[-1]), []).append(s)
     for _, same in sorted(by_len.items(), reverse=True):
         for i in range(0, len(same), batch_size):
-            chunk = same[i:i + batch_size]
+            chunk = same[i : i + batch_size]
             yield chunk, torch.from_numpy(np.stack([S.from_int16(audio[s["key"]]) for s in chunk]))
 
 
-def fit_record(group: S.Group, meta: dict, used_clips: set[str], errors: list[dict], seconds: float,
-               timings: dict) -> dict:
+def fit_record(
+    group: S.Group, meta: dict, used_clips: set[str], errors: list[dict], seconds: float, timings: dict
+) -> dict:
     """Per-group record of the fitting jobs (same fields Progress reads)."""
-    return {"group": group.name, "clips": [c["id"] for c in group.clips], "clips_ok": sorted(used_clips),
-            "clips_failed": sorted({e["clip_id"] for e in errors}), "segments": len(meta["segments"]),
-            "seconds": round(seconds, 3), "errors": errors, "timings": timings, "finished": time.time()}
+    return {
+        "group": group.name,
+        "clips": [c["id"] for c in group.clips],
+        "clips_ok": sorted(used_clips),
+        "clips_failed": sorted({e["clip_id"] for e in errors}),
+        "segments": len(meta["segments"]),
+        "seconds": round(seconds, 3),
+        "errors": errors,
+        "timings": timings,
+        "finished": time.time(),
+    }
 
 
 def actor_stamp() -> dict:

@@ -55,8 +55,10 @@ class TokenizeActor:
         self.bundle = build_tokenizers(tok_cfg, device=self.device)
         got = fingerprint_hash(self.bundle.fingerprints())
         if got != expected_hash:  # a node whose model files differ from the driver's
-            raise RuntimeError(f"tokenizers on this worker fingerprint to {got}, the driver's to {expected_hash}: "
-                               f"model files differ between nodes")
+            raise RuntimeError(
+                f"tokenizers on this worker fingerprint to {got}, the driver's to {expected_hash}: "
+                f"model files differ between nodes"
+            )
         self.batch_size = max(1, int(batch_size))
         self.ready = actor_stamp()
 
@@ -77,7 +79,7 @@ class TokenizeActor:
             tokens: dict = {}
             failed: dict[str, str] = {}
             for i in range(0, len(segs), self.batch_size):
-                chunk = [s for s in segs[i:i + self.batch_size] if s["clip_id"] not in failed]
+                chunk = [s for s in segs[i : i + self.batch_size] if s["clip_id"] not in failed]
                 wavs = [torch.from_numpy(S.from_int16(audio[s["key"]])) for s in chunk]
                 try:
                     results = self._tokenize(wavs)
@@ -93,13 +95,21 @@ class TokenizeActor:
                     if r is not None:
                         for name in ENTRIES:
                             tokens[f"{s['key']}|{name}"] = r[name]
-            errors = meta["errors"] + [S.error_record(clips[cid], "tokenize_failed", why, stage="tokenize")
-                                       for cid, why in sorted(failed.items())]
-            meta = dict(meta, segments=[s for s in segs if s["clip_id"] not in failed], errors=errors,
-                        model_s=time.time() - t0, actor=self.ready)
+            errors = meta["errors"] + [
+                S.error_record(clips[cid], "tokenize_failed", why, stage="tokenize")
+                for cid, why in sorted(failed.items())
+            ]
+            meta = dict(
+                meta,
+                segments=[s for s in segs if s["clip_id"] not in failed],
+                errors=errors,
+                model_s=time.time() - t0,
+                actor=self.ready,
+            )
             out["group"].append(group_json)
-            out["tokens"].append(pack_arrays({k: v for k, v in tokens.items()
-                                                if k.split("|")[0].rsplit("__", 1)[0] not in failed}))
+            out["tokens"].append(
+                pack_arrays({k: v for k, v in tokens.items() if k.split("|")[0].rsplit("__", 1)[0] not in failed})
+            )
             out["meta"].append(json.dumps(meta))
         return out
 
@@ -117,10 +127,12 @@ def write_tokens(row: dict, *, out_dir: str, delay: float = 0.0) -> dict:
         for name in ENTRIES:
             s[name] = arrays[f"{seg['key']}|{name}"]
         samples.append(s)
-    timings = {"decode_s": round(meta["decode_s"], 4), "model_s": round(meta.get("model_s", 0.0), 4),
-               "actor": meta.get("actor")}
-    record = write_group(group, samples, meta["errors"], out_dir=out_dir, kind="tokens", timings=timings,
-                         delay=delay)
+    timings = {
+        "decode_s": round(meta["decode_s"], 4),
+        "model_s": round(meta.get("model_s", 0.0), 4),
+        "actor": meta.get("actor"),
+    }
+    record = write_group(group, samples, meta["errors"], out_dir=out_dir, kind="tokens", timings=timings, delay=delay)
     return {"record": json.dumps(record)}
 
 
@@ -131,11 +143,18 @@ def build_bundle(tok_cfg: dict):
     bundle = build_tokenizers(tok_cfg, device="cpu")
     missing = [e for e in ENTRIES if e not in bundle.available()]
     if missing:
-        hints = {"semantic.npy": "semantic k-means (ray_jobs/fit_kmeans.py)",
-                 "cond.npy": "MuLaN quantizer (ray_jobs/fit_quantizer.py)",
-                 "mulan.npy": "a `mulan:` section", "acoustic.npy": "an `acoustic:` section"}
-        raise SystemExit("the tokenizer config cannot produce " + ", ".join(missing) + ": it needs "
-                         + "; ".join(hints[m] for m in missing))
+        hints = {
+            "semantic.npy": "semantic k-means (ray_jobs/fit_kmeans.py)",
+            "cond.npy": "MuLaN quantizer (ray_jobs/fit_quantizer.py)",
+            "mulan.npy": "a `mulan:` section",
+            "acoustic.npy": "an `acoustic:` section",
+        }
+        raise SystemExit(
+            "the tokenizer config cannot produce "
+            + ", ".join(missing)
+            + ": it needs "
+            + "; ".join(hints[m] for m in missing)
+        )
     return bundle
 
 
@@ -152,12 +171,19 @@ def _setup(job: Job) -> None:
     job.grid_seconds = S.time_grid(rates.values())
     job.sample_rate = int(bundle.sample_rate)
     job.segment_seconds = float(args.segment_seconds or cfg.get("segment_seconds") or 10.0)
-    job.min_seconds = float(args.min_segment_seconds if args.min_segment_seconds is not None
-                            else cfg.get("min_segment_seconds", 1.0))
-    S.segment_bounds(0, job.sample_rate, job.segment_seconds, grid_seconds=job.grid_seconds)  # validates the length vs the grid
+    job.min_seconds = float(
+        args.min_segment_seconds if args.min_segment_seconds is not None else cfg.get("min_segment_seconds", 1.0)
+    )
+    S.segment_bounds(
+        0, job.sample_rate, job.segment_seconds, grid_seconds=job.grid_seconds
+    )  # validates the length vs the grid
     job.out_dir = token_shard_dir(args.out, dataset_name(args), fingerprints)
-    job.params = {"sample_rate": job.sample_rate, "segment_seconds": job.segment_seconds,
-                  "min_segment_seconds": job.min_seconds, "grid_seconds": job.grid_seconds}
+    job.params = {
+        "sample_rate": job.sample_rate,
+        "segment_seconds": job.segment_seconds,
+        "min_segment_seconds": job.min_seconds,
+        "grid_seconds": job.grid_seconds,
+    }
     job.data.update(tok_cfg=tok_cfg, fingerprints=fingerprints, rates=rates)
 
 
@@ -165,22 +191,46 @@ def _stages(job: Job, ds):
     from musiclm.data.shards import fingerprint_hash
 
     args, ray_info, wp = job.args, job.ray_info, job.worker_plan()
-    log.info(f"[tokenize] ray {ray_info['mode']} ({ray_info['cpus']:g} CPU, {ray_info['gpus']:g} GPU): "
-             f"{wp['workers']} tokenizer worker(s) x {wp['cpus_per_worker']:g} CPU x {wp['gpus_per_worker']:g} GPU "
-             f"on {wp['device']}, batch {args.batch_size}")
-    ds = actor_stage(ds, TokenizeActor, wp,
-                     dict(tok_cfg=job.data["tok_cfg"], device=wp["device"], threads=wp["threads"],
-                          batch_size=args.batch_size, expected_hash=fingerprint_hash(job.data["fingerprints"])))
+    log.info(
+        f"[tokenize] ray {ray_info['mode']} ({ray_info['cpus']:g} CPU, {ray_info['gpus']:g} GPU): "
+        f"{wp['workers']} tokenizer worker(s) x {wp['cpus_per_worker']:g} CPU x {wp['gpus_per_worker']:g} GPU "
+        f"on {wp['device']}, batch {args.batch_size}"
+    )
+    ds = actor_stage(
+        ds,
+        TokenizeActor,
+        wp,
+        dict(
+            tok_cfg=job.data["tok_cfg"],
+            device=wp["device"],
+            threads=wp["threads"],
+            batch_size=args.batch_size,
+            expected_hash=fingerprint_hash(job.data["fingerprints"]),
+        ),
+    )
     return ds.map(write_tokens, num_cpus=args.task_cpus, fn_kwargs=dict(out_dir=job.out_dir, delay=job.group_delay))
 
 
 def _complete(job: Job) -> dict:
-    return finish(job="tokenize", out_dir=job.out_dir, kind="tokens", fingerprints=job.data["fingerprints"],
-                  groups=job.groups, plan_errors=job.plan_errors, state=job.state,
-                  extra={"manifest": job.args.manifest, "sample_rate": job.sample_rate, "params": job.params,
-                         "frame_rates": job.data["rates"]},
-                  progress=job.progress, workers=job.worker_plan()["workers"] if job.pending else 0,
-                  ray_info=job.ray_info, t_start=job.t_start)
+    return finish(
+        job="tokenize",
+        out_dir=job.out_dir,
+        kind="tokens",
+        fingerprints=job.data["fingerprints"],
+        groups=job.groups,
+        plan_errors=job.plan_errors,
+        state=job.state,
+        extra={
+            "manifest": job.args.manifest,
+            "sample_rate": job.sample_rate,
+            "params": job.params,
+            "frame_rates": job.data["rates"],
+        },
+        progress=job.progress,
+        workers=job.worker_plan()["workers"] if job.pending else 0,
+        ray_info=job.ray_info,
+        t_start=job.t_start,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

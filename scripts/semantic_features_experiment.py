@@ -81,7 +81,7 @@ def read_clips(audio_dir: str) -> list[dict]:
 
 def batches(items: list, n: int):
     for i in range(0, len(items), n):
-        yield items[i: i + n]
+        yield items[i : i + n]
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,12 +112,17 @@ def tokenizers_config(args, variant: str | None) -> dict:
     cfg = {
         "acoustic": {"type": "encodec", "model": os.path.join(models, "tiny_encodec"), "bandwidth": 6.0},
         "mulan": {"type": "mulan", "model": os.path.abspath(args.mulan)},
-        "quantizer": {"path": os.path.join(models, "quantizer"), "levels": args.cond_levels,
-                      "codebook_size": args.cond_codebook},
+        "quantizer": {
+            "path": os.path.join(models, "quantizer"),
+            "levels": args.cond_levels,
+            "codebook_size": args.cond_codebook,
+        },
     }
     if variant is not None:
-        cfg["semantic"] = {"features": variant_features(variant, args.mulan),
-                           "kmeans": os.path.join(models, f"kmeans-{vname(variant)}.safetensors")}
+        cfg["semantic"] = {
+            "features": variant_features(variant, args.mulan),
+            "kmeans": os.path.join(models, f"kmeans-{vname(variant)}.safetensors"),
+        }
     return cfg
 
 
@@ -131,9 +136,17 @@ def make_tiny_encodec(directory: str, seed: int = 0) -> str:
     from musiclm.codec.encodec import randomize_codebooks
 
     torch.manual_seed(seed)
-    config = EncodecConfig(target_bandwidths=[1.5, 3.0, 6.0], sampling_rate=24_000, hidden_size=16, num_filters=4,
-                           num_residual_layers=1, upsampling_ratios=[8, 5, 4, 2], num_lstm_layers=1,
-                           codebook_size=1024, codebook_dim=16)
+    config = EncodecConfig(
+        target_bandwidths=[1.5, 3.0, 6.0],
+        sampling_rate=24_000,
+        hidden_size=16,
+        num_filters=4,
+        num_residual_layers=1,
+        upsampling_ratios=[8, 5, 4, 2],
+        num_lstm_layers=1,
+        codebook_size=1024,
+        codebook_dim=16,
+    )
     model = EncodecModel(config).eval()
     randomize_codebooks(model, seed, scale=0.3)
     os.makedirs(directory, exist_ok=True)
@@ -179,8 +192,12 @@ def step_prep(args) -> None:
         mulan += [r["mulan.npy"] for r in res]
     if acoustic is None:
         acoustic = new_acoustic
-        np.savez(cache, keys=np.array(keys), acoustic=np.stack(acoustic),
-                 codec_sha256=np.array(bundle.acoustic.fingerprint()["weights_sha256"]))
+        np.savez(
+            cache,
+            keys=np.array(keys),
+            acoustic=np.stack(acoustic),
+            codec_sha256=np.array(bundle.acoustic.fingerprint()["weights_sha256"]),
+        )
     log(f"prep: {' + '.join(entries)} in {time.time() - t1:.1f}s")
     emb = np.stack(mulan)  # float16 [N, D]
     train = np.array([c["split"] == "train" for c in clips])
@@ -195,16 +212,27 @@ def step_prep(args) -> None:
     cond = quant.encode(torch.from_numpy(emb.astype(np.float32))).cpu().numpy().astype(np.int16)
     cos = quant.reconstruction_cosine(emb[~train].astype(np.float32))
     used = [int(len(np.unique(cond[train, 0, k]))) for k in range(cond.shape[2])]
-    np.savez(os.path.join(args.out, "common.npz"), keys=np.array([c["key"] for c in clips]),
-             acoustic=np.stack(acoustic), mulan=emb, cond=cond)
-    meta = {"clips": [{"key": c["key"], "split": c["split"], "json": c["json"]} for c in clips],
-            "sample_rate": int(clips[0]["sr"]), "quantizer": quant.config(),
-            "quantizer_eval_reconstruction_cosine": {k: round(float(v), 4) for k, v in cos.items()},
-            "quantizer_codes_used_per_level_semantic_ns": used, "prep_s": round(time.time() - t0, 1)}
+    np.savez(
+        os.path.join(args.out, "common.npz"),
+        keys=np.array([c["key"] for c in clips]),
+        acoustic=np.stack(acoustic),
+        mulan=emb,
+        cond=cond,
+    )
+    meta = {
+        "clips": [{"key": c["key"], "split": c["split"], "json": c["json"]} for c in clips],
+        "sample_rate": int(clips[0]["sr"]),
+        "quantizer": quant.config(),
+        "quantizer_eval_reconstruction_cosine": {k: round(float(v), 4) for k, v in cos.items()},
+        "quantizer_codes_used_per_level_semantic_ns": used,
+        "prep_s": round(time.time() - t0, 1),
+    }
     with open(os.path.join(args.out, "common.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    log(f"prep: quantizer {quant.config()} eval cosine {meta['quantizer_eval_reconstruction_cosine']} "
-        f"codes used per level {used}; done in {time.time() - t0:.1f}s")
+    log(
+        f"prep: quantizer {quant.config()} eval cosine {meta['quantizer_eval_reconstruction_cosine']} "
+        f"codes used per level {used}; done in {time.time() - t0:.1f}s"
+    )
 
 
 def _load_common(args):
@@ -244,8 +272,10 @@ def step_tokens(args, variant: str) -> str:
     feat_s = time.time() - t1
     train_seconds = sum(len(c["wav"]) / c["sr"] for c in train)
     x = np.concatenate(rows)
-    log(f"tokens[{variant}]: features of {len(train)} train clips in {feat_s:.1f}s "
-        f"({train_seconds / feat_s:.0f} audio-s/s), {x.shape[0]} frames x {x.shape[1]} for k-means")
+    log(
+        f"tokens[{variant}]: features of {len(train)} train clips in {feat_s:.1f}s "
+        f"({train_seconds / feat_s:.0f} audio-s/s), {x.shape[0]} frames x {x.shape[1]} for k-means"
+    )
     t2 = time.time()
     cent = fit_kmeans([x], args.clusters, seed=0, max_iter=args.kmeans_iter)
     kmeans_s = time.time() - t2
@@ -271,25 +301,54 @@ def step_tokens(args, variant: str) -> str:
                 js = dict(c["json"])
                 js["split"] = split
                 js["segment"] = int(c["key"].rsplit("__", 1)[-1]) if "__" in c["key"] else 0
-                w.write({"__key__": c["key"], "json": js, "acoustic.npy": z["acoustic"][i],
-                         "semantic.npy": sem[i], "mulan.npy": z["mulan"][i], "cond.npy": z["cond"][i]})
+                w.write(
+                    {
+                        "__key__": c["key"],
+                        "json": js,
+                        "acoustic.npy": z["acoustic"][i],
+                        "semantic.npy": sem[i],
+                        "mulan.npy": z["mulan"][i],
+                        "cond.npy": z["cond"][i],
+                    }
+                )
         shards += w.shards
     counts = np.bincount(np.concatenate(sem).astype(np.int64), minlength=cent.shape[0])
     p = counts[counts > 0] / counts.sum()
-    stats = {"variant": variant, "features": cfg["semantic"]["features"], "dim": int(cent.shape[1]),
-             "clusters": int(cent.shape[0]), "kmeans_frames": int(x.shape[0]), "kmeans_s": round(kmeans_s, 1),
-             "train_features_s": round(feat_s, 1), "tokenize_s": round(tok_s, 1),
-             "tokenize_audio_seconds_per_s": round(total_seconds / tok_s, 1),
-             "tokens_per_s": round(total_seconds * 25 / tok_s, 1),
-             "clusters_used": int((counts > 0).sum()), "token_entropy_bits": round(float(-(p * np.log2(p)).sum()), 3),
-             "mean_run_length_frames": round(float(np.mean([len(s) / (1 + np.count_nonzero(np.diff(s))) for s in sem])), 2),
-             "native_frame_seconds": feats.native_frame_seconds, "shards": out_dir}
-    write_index(out_dir, shards, kind="tokens", fingerprints=fps,
-                extra={"job": "scripts/semantic_features_experiment.py", "sample_rate": meta["sample_rate"],
-                       "frame_rates": bundle.frame_rates(), "experiment": stats})
+    stats = {
+        "variant": variant,
+        "features": cfg["semantic"]["features"],
+        "dim": int(cent.shape[1]),
+        "clusters": int(cent.shape[0]),
+        "kmeans_frames": int(x.shape[0]),
+        "kmeans_s": round(kmeans_s, 1),
+        "train_features_s": round(feat_s, 1),
+        "tokenize_s": round(tok_s, 1),
+        "tokenize_audio_seconds_per_s": round(total_seconds / tok_s, 1),
+        "tokens_per_s": round(total_seconds * 25 / tok_s, 1),
+        "clusters_used": int((counts > 0).sum()),
+        "token_entropy_bits": round(float(-(p * np.log2(p)).sum()), 3),
+        "mean_run_length_frames": round(float(np.mean([len(s) / (1 + np.count_nonzero(np.diff(s))) for s in sem])), 2),
+        "native_frame_seconds": feats.native_frame_seconds,
+        "shards": out_dir,
+    }
+    write_index(
+        out_dir,
+        shards,
+        kind="tokens",
+        fingerprints=fps,
+        extra={
+            "job": "scripts/semantic_features_experiment.py",
+            "sample_rate": meta["sample_rate"],
+            "frame_rates": bundle.frame_rates(),
+            "experiment": stats,
+        },
+    )
     with open(os.path.join(args.out, f"tokenizers-{vname(variant)}.yaml"), "w") as f:
-        yaml.safe_dump({"segment_seconds": 10, "min_segment_seconds": 1.0, "sample_rate": 24000, "tokenizers": cfg}, f,
-                       sort_keys=False)
+        yaml.safe_dump(
+            {"segment_seconds": 10, "min_segment_seconds": 1.0, "sample_rate": 24000, "tokenizers": cfg},
+            f,
+            sort_keys=False,
+        )
     with open(os.path.join(args.out, f"tokens-{vname(variant)}.json"), "w") as f:
         json.dump(stats, f, indent=1)
     log(f"tokens[{variant}]: {json.dumps(stats)} ({time.time() - t0:.1f}s)")
@@ -302,21 +361,48 @@ def _shards_of(args, variant: str) -> str:
 
 
 def _tokens_overrides(args) -> list[str]:
-    return [f"tokens.semantic_vocab={args.clusters}", f"tokens.cond_levels={args.cond_levels}",
-            f"tokens.cond_codebook={args.cond_codebook}"]
+    return [
+        f"tokens.semantic_vocab={args.clusters}",
+        f"tokens.cond_levels={args.cond_levels}",
+        f"tokens.cond_codebook={args.cond_codebook}",
+    ]
 
 
 def train_command(args, variant: str, port: int) -> list[str]:
     run_dir = os.path.join(args.out, "runs", rname(args, variant))
     ds = os.path.join(ROOT, ".venv", "bin", "deepspeed")
-    return [ds if os.path.exists(ds) else "deepspeed", "--num_gpus", "1", "--master_port", str(port),
-            "launch/train.py", "--stage", "semantic", "--config", "launch/configs/semantic.yaml",
-            "--deepspeed_config", "deepspeed_configs/cpu.json", "--shards", _shards_of(args, variant),
-            "--run_dir", run_dir, "--name", f"semfeat-{rname(args, variant)}", "--resume", "auto",
-            "--max_steps", str(args.max_steps),
-            "--set", f"train.max_minutes={args.minutes}", f"train.warmup_steps={args.warmup}",
-            "train.eval_every=50", "train.eval_batches=8", "train.checkpoint_every=50", "train.log_every=10",
-            *_tokens_overrides(args)]
+    return [
+        ds if os.path.exists(ds) else "deepspeed",
+        "--num_gpus",
+        "1",
+        "--master_port",
+        str(port),
+        "launch/train.py",
+        "--stage",
+        "semantic",
+        "--config",
+        "launch/configs/semantic.yaml",
+        "--deepspeed_config",
+        "deepspeed_configs/cpu.json",
+        "--shards",
+        _shards_of(args, variant),
+        "--run_dir",
+        run_dir,
+        "--name",
+        f"semfeat-{rname(args, variant)}",
+        "--resume",
+        "auto",
+        "--max_steps",
+        str(args.max_steps),
+        "--set",
+        f"train.max_minutes={args.minutes}",
+        f"train.warmup_steps={args.warmup}",
+        "train.eval_every=50",
+        "train.eval_batches=8",
+        "train.checkpoint_every=50",
+        "train.log_every=10",
+        *_tokens_overrides(args),
+    ]
 
 
 def step_train(args, variants: list[str]) -> dict:
@@ -356,12 +442,21 @@ def train_summary(run_dir: str) -> dict:
     train = [r for r in rows if "train/loss" in r]
     evals = [r for r in rows if "eval/loss" in r]
     last = train[-10:]
-    return {"steps": max((r["step"] for r in rows), default=0),
-            "train_loss_last10_mean": round(float(np.mean([r["train/loss"] for r in last])), 4) if last else None,
-            "train_accuracy_last10_mean": round(float(np.mean([r.get("train/accuracy", np.nan) for r in last])), 4)
-            if last else None,
-            "eval": [{"step": r["step"], "loss": round(r["eval/loss"], 4),
-                      "accuracy": round(r.get("eval/accuracy", float("nan")), 4)} for r in evals]}
+    return {
+        "steps": max((r["step"] for r in rows), default=0),
+        "train_loss_last10_mean": round(float(np.mean([r["train/loss"] for r in last])), 4) if last else None,
+        "train_accuracy_last10_mean": round(float(np.mean([r.get("train/accuracy", np.nan) for r in last])), 4)
+        if last
+        else None,
+        "eval": [
+            {
+                "step": r["step"],
+                "loss": round(r["eval/loss"], 4),
+                "accuracy": round(r.get("eval/accuracy", float("nan")), 4),
+            }
+            for r in evals
+        ],
+    }
 
 
 def step_export(args, variant: str) -> str:
@@ -376,12 +471,35 @@ def step_export(args, variant: str) -> str:
 def step_eval(args, variant: str) -> dict:
     cfg = tokenizers_config(args, variant)
     out_dir = os.path.join(args.out, "eval", rname(args, variant))
-    cmd = [sys.executable, "-m", "musiclm.cli", "eval", "tempo", "--shards", _shards_of(args, variant),
-           "--model", os.path.join(args.out, "export", f"{rname(args, variant)}.safetensors"),
-           "--kmeans", cfg["semantic"]["kmeans"], "--mulan", os.path.abspath(args.mulan),
-           "--quantizer", cfg["quantizer"]["path"], "--out", out_dir, "--samples", str(args.samples),
-           "--cond-scale", str(args.cond_scale), "--temperature", str(args.temperature), "--seed", "0",
-           "--label", rname(args, variant)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "musiclm.cli",
+        "eval",
+        "tempo",
+        "--shards",
+        _shards_of(args, variant),
+        "--model",
+        os.path.join(args.out, "export", f"{rname(args, variant)}.safetensors"),
+        "--kmeans",
+        cfg["semantic"]["kmeans"],
+        "--mulan",
+        os.path.abspath(args.mulan),
+        "--quantizer",
+        cfg["quantizer"]["path"],
+        "--out",
+        out_dir,
+        "--samples",
+        str(args.samples),
+        "--cond-scale",
+        str(args.cond_scale),
+        "--temperature",
+        str(args.temperature),
+        "--seed",
+        "0",
+        "--label",
+        rname(args, variant),
+    ]
     if args.top_k:
         cmd += ["--top-k", str(args.top_k)]
     log(f"eval[{variant}]: {' '.join(cmd)}")
@@ -391,15 +509,21 @@ def step_eval(args, variant: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--audio", default="/tmp/mulan_demo/audio", help="audio shard folder (index.json, train/eval)")
     p.add_argument("--mulan", default="/tmp/mulan_demo/run5/model", help="save_mulan directory (or export)")
     p.add_argument("--out", default="/tmp/semfeat")
     p.add_argument("--minutes", type=float, default=8.0, help="training budget per semantic LM")
     p.add_argument("--max-steps", type=int, default=400, help="cosine horizon and step cap per LM (same for all)")
     p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--tag", default="", help="suffix of the LM run / export / eval names and summary keys "
-                                            "(e.g. a second budget on the same token shards)")
+    p.add_argument(
+        "--tag",
+        default="",
+        help="suffix of the LM run / export / eval names and summary keys "
+        "(e.g. a second budget on the same token shards)",
+    )
     p.add_argument("--parallel-train", action="store_true", help="train the variants at the same time")
     p.add_argument("--variants", nargs="+", default=["mfcc", "mulan:2"], help="mfcc | logmel | mulan:<layer>")
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
@@ -420,6 +544,7 @@ def main(argv=None) -> int:
     summary["args"] = vars(args)
     if "prep" in args.steps:
         step_prep(args)
+
     def save():
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=1, default=str)
@@ -453,17 +578,25 @@ def print_table(summary: dict, variants: list[str], sfx: str = "") -> None:
         e = summary.get(v) or {}
         tok, tr, te = e.get("tokens") or {}, e.get("train" + sfx) or {}, e.get("tempo" + sfx) or {}
         ev = (tr.get("eval") or [{}])[-1]
-        print(f"== {v}{sfx}: k-means {tok.get('clusters')} x {tok.get('dim')}, tokenize {tok.get('tokenize_audio_seconds_per_s')} "
-              f"audio-s/s, mean run {tok.get('mean_run_length_frames')} frames; LM steps {tr.get('steps')}, "
-              f"train loss {tr.get('train_loss_last10_mean')}, eval loss {ev.get('loss')} acc {ev.get('accuracy')}")
+        print(
+            f"== {v}{sfx}: k-means {tok.get('clusters')} x {tok.get('dim')}, "
+            f"tokenize {tok.get('tokenize_audio_seconds_per_s')} audio-s/s, "
+            f"mean run {tok.get('mean_run_length_frames')} frames; LM steps {tr.get('steps')}, "
+            f"train loss {tr.get('train_loss_last10_mean')}, eval loss {ev.get('loss')} acc {ev.get('accuracy')}"
+        )
         gain = (te.get("info") or {}).get("following_gain_folded_bpm")
         if gain:
-            print(f"   tempo following gain (mismatched - matched folded error): {gain['mean']} BPM, 95% CI {gain['ci95']}")
+            print(
+                f"   tempo following gain (mismatched - matched folded error): {gain['mean']} BPM, "
+                f"95% CI {gain['ci95']}"
+            )
         for m, r in (te.get("methods") or {}).items():
-            print(f"   {m:22s} MAE {r.get('mae', float('nan')):6.2f}  median {r.get('median_ae', float('nan')):6.2f}  "
-                  f"| folded MAE {r.get('mae_octave_folded', float('nan')):6.2f} median "
-                  f"{r.get('median_ae_octave_folded', float('nan')):6.2f}  acc4 {r.get('acc4', float('nan')):.3f} "
-                  f"folded {r.get('acc4_octave_folded', float('nan')):.3f}  r {r.get('pearson_r')}")
+            print(
+                f"   {m:22s} MAE {r.get('mae', float('nan')):6.2f}  median {r.get('median_ae', float('nan')):6.2f}  "
+                f"| folded MAE {r.get('mae_octave_folded', float('nan')):6.2f} median "
+                f"{r.get('median_ae_octave_folded', float('nan')):6.2f}  acc4 {r.get('acc4', float('nan')):.3f} "
+                f"folded {r.get('acc4_octave_folded', float('nan')):.3f}  r {r.get('pearson_r')}"
+            )
 
 
 if __name__ == "__main__":

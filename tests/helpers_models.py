@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from musiclm.codec.encodec import randomize_codebooks, random_encodec_24khz
+from musiclm.codec.encodec import random_encodec_24khz, randomize_codebooks
 
 __all__ = [
     "make_tiny_clap",
@@ -187,7 +187,7 @@ def sine_batch(
     n = int(round(seconds * sample_rate))
     t = np.arange(n) / sample_rate
     rows = []
-    for b in range(batch):
+    for _ in range(batch):
         freqs = 110.0 * 2 ** (g.integers(0, 36, size=3) / 12.0)
         x = sum(0.2 * np.sin(2 * np.pi * f * t + g.uniform(0, 6.28)) for f in freqs)
         x = x + noise * g.standard_normal(n)
@@ -208,8 +208,12 @@ def make_tiny_tokenizer_config(root, *, semantic: str = "mfcc", seed: int = 0, l
     enc = make_tiny_encodec(os.path.join(root, "encodec"), seed=seed)
     clap = make_tiny_clap(os.path.join(root, "clap"), seed=seed)
     if semantic == "hf":
-        feats_cfg = {"type": "hf", "model": make_tiny_hubert(os.path.join(root, "hubert"), seed=seed), "layer": 1,
-                     "rate": 25}
+        feats_cfg = {
+            "type": "hf",
+            "model": make_tiny_hubert(os.path.join(root, "hubert"), seed=seed),
+            "layer": 1,
+            "rate": 25,
+        }
     else:
         feats_cfg = {"type": semantic, "rate": 25}
     feats = SemanticFeatures.from_config(feats_cfg)

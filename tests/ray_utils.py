@@ -94,7 +94,7 @@ class RayHead:
         return env
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, timeout: float = 90.0) -> "RayHead":
+    def start(self, timeout: float = 90.0) -> RayHead:
         env = dict(os.environ)
         env.update(token_env(self.token_path))
         env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -106,24 +106,43 @@ class RayHead:
         self.log_path = os.path.join(self.temp_dir, "head.log")
         log = open(self.log_path, "wb")
         cmd = [
-            ray_exe(), "start", "--head", "--block",
-            "--node-ip-address", "127.0.0.1",
-            "--port", str(self.gcs_port),
-            "--dashboard-host", "127.0.0.1",
-            "--dashboard-port", str(self.dashboard_port),
-            "--temp-dir", self.temp_dir,
+            ray_exe(),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(self.gcs_port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(self.dashboard_port),
+            "--temp-dir",
+            self.temp_dir,
             # ports that otherwise default to fixed numbers (10001, 52365) shared by every head
-            "--ray-client-server-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(self.agent_port),
-            "--metrics-export-port", str(self.metrics_port),
-            "--num-cpus", str(self.num_cpus),
-            "--num-gpus", "0",
-            "--include-dashboard", "true",
+            "--ray-client-server-port",
+            str(free_port()),
+            "--dashboard-agent-listen-port",
+            str(self.agent_port),
+            "--metrics-export-port",
+            str(self.metrics_port),
+            "--num-cpus",
+            str(self.num_cpus),
+            "--num-gpus",
+            "0",
+            "--include-dashboard",
+            "true",
             "--disable-usage-stats",
         ]
         self.proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=self.temp_dir,
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=self.temp_dir,
         )
         log.close()
         deadline = time.time() + timeout
@@ -139,8 +158,7 @@ class RayHead:
     def _dashboard_ready(self) -> bool:
         # /api/version answers once the job API is up (with token auth it wants the bearer token).
         token = Path(self.token_path).read_text().strip()
-        req = urllib.request.Request(self.dashboard_url + "/api/version",
-                                     headers={"Authorization": f"Bearer {token}"})
+        req = urllib.request.Request(self.dashboard_url + "/api/version", headers={"Authorization": f"Bearer {token}"})
         try:
             with urllib.request.urlopen(req, timeout=2) as r:
                 return r.status == 200
@@ -236,7 +254,7 @@ def listening_sockets(pids) -> list[tuple[int, str, int]]:
             hexaddr, hexport = f[1].split(":")
             raw = bytes.fromhex(hexaddr)
             if sys.byteorder == "little":  # /proc prints each 32-bit word in host byte order
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
             ip = ipaddress.ip_address(raw)
             if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
                 ip = ip.ipv4_mapped
@@ -250,14 +268,25 @@ def start_head(num_cpus: int = 2, base_dir: str | None = None, extra_env: dict |
     token_path = os.path.join(temp_dir, "auth_token")
     write_token(token_path)
     head = RayHead(
-        temp_dir=temp_dir, token_path=token_path, gcs_port=free_port(),
-        dashboard_port=free_port(), num_cpus=num_cpus, extra_env=dict(extra_env or {}),
+        temp_dir=temp_dir,
+        token_path=token_path,
+        gcs_port=free_port(),
+        dashboard_port=free_port(),
+        num_cpus=num_cpus,
+        extra_env=dict(extra_env or {}),
     )
     return head.start()
 
 
-def job_submit(head: RayHead, args: list[str], *, cwd: str | Path = REPO, timeout: float = 300,
-               entrypoint_num_cpus: float | None = None, env_vars: dict | None = None) -> subprocess.CompletedProcess:
+def job_submit(
+    head: RayHead,
+    args: list[str],
+    *,
+    cwd: str | Path = REPO,
+    timeout: float = 300,
+    entrypoint_num_cpus: float | None = None,
+    env_vars: dict | None = None,
+) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir . -- python ...` against the head's dashboard; waits for the end.
     `env_vars` reach the job's driver and workers through the job's runtime_env."""
     import json
@@ -268,8 +297,9 @@ def job_submit(head: RayHead, args: list[str], *, cwd: str | Path = REPO, timeou
     if entrypoint_num_cpus is not None:
         cmd += ["--entrypoint-num-cpus", str(entrypoint_num_cpus)]
     cmd += ["--", "python", *args]
-    return subprocess.run(cmd, cwd=str(cwd), env=head.env(for_jobs_api=True), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=str(cwd), env=head.env(for_jobs_api=True), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def cleanup(head: RayHead | None) -> None:

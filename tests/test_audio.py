@@ -46,8 +46,9 @@ SOUNDFILE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("ext,fmt,subtype,sr,channels", SOUNDFILE_CASES,
-                         ids=[f"{c[0]}-{c[2]}-{c[3]}-{c[4]}ch" for c in SOUNDFILE_CASES])
+@pytest.mark.parametrize(
+    "ext,fmt,subtype,sr,channels", SOUNDFILE_CASES, ids=[f"{c[0]}-{c[2]}-{c[3]}-{c[4]}ch" for c in SOUNDFILE_CASES]
+)
 def test_soundfile_formats(tmp_path, ext, fmt, subtype, sr, channels):
     path = tmp_path / f"clip.{ext}"
     sf.write(path, tone(sr, 1.0, channels), sr, format=fmt, subtype=subtype)
@@ -89,6 +90,7 @@ def test_start_end_on_compressed(tmp_path):
 
 def test_fsspec_url_and_decode_bytes(tmp_path):
     import fsspec
+
     data = audio.encode_flac(torch.from_numpy(tone(16000, 1.0)[:, 0]), 16000)
     with fsspec.open("memory://bucket/clip.flac", "wb") as f:
         f.write(data)
@@ -145,8 +147,9 @@ def container_files(tmp_path_factory):
 
 def test_no_ffmpeg_binary_on_path():
     # The suite runs as on a fresh machine (.ci/run hides ffmpeg/ffprobe): decoding must not need them.
-    assert shutil.which("ffmpeg") is None and shutil.which("ffprobe") is None, \
+    assert shutil.which("ffmpeg") is None and shutil.which("ffprobe") is None, (
         "run the tests with ffmpeg/ffprobe hidden from PATH (see .ci/run)"
+    )
 
 
 @pytest.mark.parametrize("ext", [c[0] for c in CONTAINER_CASES])
@@ -165,10 +168,12 @@ def test_container_formats(container_files, ext):
     # the segment is the same samples as the middle of the whole decode (seek + trim by timestamp,
     # exact to the container's time base: 1 ms in webm)
     whole, _ = audio.load_audio(path, mono=False)
-    mid = seg[:, native // 10: native // 10 * 9]
+    mid = seg[:, native // 10 : native // 10 * 9]
     tol = native // 1000
-    errors = {k: float((whole[:, native + native // 10 + k:][:, :mid.shape[1]] - mid).abs().max())
-              for k in range(-tol, tol + 1)}
+    errors = {
+        k: float((whole[:, native + native // 10 + k :][:, : mid.shape[1]] - mid).abs().max())
+        for k in range(-tol, tol + 1)
+    }
     assert min(errors.values()) < 1e-4
     # the channels survive (right channel at half the amplitude of the left)
     assert float(seg[1].abs().max()) == pytest.approx(float(seg[0].abs().max()) / 2, rel=0.1)
@@ -202,6 +207,7 @@ def test_corrupt_container(tmp_path, name):
 
 
 # ----------------------------------------------------------------------------- errors
+
 
 def test_error_type_names_file_and_reason(tmp_path):
     e = AudioError(tmp_path / "x.wav", "silent audio")
@@ -266,6 +272,7 @@ def test_silent_file(tmp_path):
 
 # ----------------------------------------------------------------------------- transforms
 
+
 def test_mono_and_resample():
     stereo = torch.stack([torch.ones(100), torch.zeros(100)])
     assert torch.allclose(audio.to_mono(stereo), torch.full((100,), 0.5))
@@ -279,6 +286,7 @@ def test_mono_and_resample():
 
 def test_loudness_matches_torchaudio_and_normalizes():
     import torchaudio.functional as AF
+
     sr = 8000  # small, because torchaudio's filter is a Python loop without its C extension
     x = torch.from_numpy(tone(sr, 0.6, 2, freq=300, amp=0.2).T.copy())
     assert audio.loudness(x, sr) == pytest.approx(AF.loudness(x, sr).item(), abs=0.05)

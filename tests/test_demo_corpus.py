@@ -118,7 +118,7 @@ def test_tempo_error_allows_octaves():
     x = np.zeros(8 * sr, dtype=np.float32)
     for t in np.arange(0, 8, 0.6):
         i = int(t * sr)
-        x[i:i + 200] += np.hanning(200)[: len(x[i:i + 200])] * np.sin(np.arange(200) * 0.9)[: len(x[i:i + 200])]
+        x[i : i + 200] += np.hanning(200)[: len(x[i : i + 200])] * np.sin(np.arange(200) * 0.9)[: len(x[i : i + 200])]
     assert abs(ma.estimate_tempo(x, sr) - 100.0) <= 1.0
 
 
@@ -141,8 +141,10 @@ def corpora(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     out = {}
     for name, seed, workers, clips in (("a", 0, 1, 4), ("b", 0, 2, 4), ("c", 1, 1, 2)):
-        out[name] = (root / name, dc.generate_corpus(str(root / name), clips=clips, seed=seed, seconds=4.0,
-                                                      workers=workers, progress=False))
+        out[name] = (
+            root / name,
+            dc.generate_corpus(str(root / name), clips=clips, seed=seed, seconds=4.0, workers=workers, progress=False),
+        )
     return out
 
 

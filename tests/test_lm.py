@@ -8,12 +8,27 @@ import pytest
 import torch
 
 from musiclm.lm import (
-    BOS, NULL_COND, PAD, PRESETS, SEP, Transformer, TransformerConfig, get_stage,
+    BOS,
+    NULL_COND,
+    PAD,
+    PRESETS,
+    SEP,
+    Transformer,
+    TransformerConfig,
+    get_stage,
 )
 
-TOKENS = dict(acoustic_levels=4, acoustic_codebook=32, acoustic_rate=75, coarse_levels=2,
-              semantic_vocab=48, semantic_rate=25, cond_namespaces=["semantic", "coarse", "fine"],
-              cond_levels=3, cond_codebook=16)
+TOKENS = dict(
+    acoustic_levels=4,
+    acoustic_codebook=32,
+    acoustic_rate=75,
+    coarse_levels=2,
+    semantic_vocab=48,
+    semantic_rate=25,
+    cond_namespaces=["semantic", "coarse", "fine"],
+    cond_levels=3,
+    cond_codebook=16,
+)
 
 
 def make_sample(seconds=4.0, seed=0, tokens=TOKENS):
@@ -25,11 +40,16 @@ def make_sample(seconds=4.0, seed=0, tokens=TOKENS):
     ratio = tokens["acoustic_rate"] // tokens["semantic_rate"]
     M = min(tokens["semantic_vocab"], tokens["acoustic_codebook"])  # same wrap-around for both
     sem = (np.arange(T_s) % M).astype(np.int16)
-    ac = np.stack([(np.arange(T_a) // ratio + q) % M
-                   for q in range(tokens["acoustic_levels"])]).astype(np.int16)
+    ac = np.stack([(np.arange(T_a) // ratio + q) % M for q in range(tokens["acoustic_levels"])]).astype(np.int16)
     cond = rng.integers(0, tokens["cond_codebook"], size=(3, tokens["cond_levels"])).astype(np.int16)
-    return {"__key__": "clip__0000", "acoustic.npy": ac, "semantic.npy": sem,
-            "mulan.npy": np.zeros(8, np.float16), "cond.npy": cond, "json": {}}
+    return {
+        "__key__": "clip__0000",
+        "acoustic.npy": ac,
+        "semantic.npy": sem,
+        "mulan.npy": np.zeros(8, np.float16),
+        "cond.npy": cond,
+        "json": {},
+    }
 
 
 def tiny_model(vocab=96, seq=64, **kw):
@@ -62,7 +82,7 @@ def test_kv_cache_matches_full_forward():
         parts = [m(x[:, :7], cache=cache)]  # prefill
         parts.append(m(x[:, 7:12], cache=cache))  # a chunk appended to the cache (explicit mask path)
         for t in range(12, 20):  # one token at a time
-            parts.append(m(x[:, t:t + 1], cache=cache))
+            parts.append(m(x[:, t : t + 1], cache=cache))
     inc = torch.cat(parts, dim=1)
     assert cache.length == 20
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-4)
@@ -93,8 +113,7 @@ def test_sample_guidance_mask_and_greedy():
     mask[0::2, 20:30] = True
     mask[1::2, 40:50] = True
     g = torch.Generator().manual_seed(0)
-    out = m.sample(prefix, 6, temperature=1.0, top_k=5, cond_scale=3.0, logits_mask=mask,
-                   null_prefix=null, generator=g)
+    out = m.sample(prefix, 6, temperature=1.0, top_k=5, cond_scale=3.0, logits_mask=mask, null_prefix=null, generator=g)
     assert out.shape == (1, 6)
     assert ((out[0, 0::2] >= 20) & (out[0, 0::2] < 30)).all()
     assert ((out[0, 1::2] >= 40) & (out[0, 1::2] < 50)).all()
@@ -154,7 +173,7 @@ def test_example_layout_and_mask(name):
         assert a <= ids < b
     if st.target_levels:  # frame-major: levels cycle within each frame
         nl = len(st.target_levels)
-        assert list(level[mask][:2 * nl]) == st.target_levels * 2
+        assert list(level[mask][: 2 * nl]) == st.target_levels * 2
         assert (level[~mask] == -1).all()
     else:
         assert (level == -1).all()
@@ -170,7 +189,8 @@ def test_example_layout_and_mask(name):
         assert np.array_equal(decoded, w["acoustic"][st.target_levels])
     m = st.target_logits_mask(len(full) - t0)
     assert m[np.arange(len(full) - t0), full[t0:]].all() and m.sum() == (len(full) - t0) * (
-        48 if name == "semantic" else 32)
+        48 if name == "semantic" else 32
+    )
 
 
 def test_frame_major_and_alignment_across_stages():
@@ -181,8 +201,8 @@ def test_frame_major_and_alignment_across_stages():
         ex = coarse.example(sample, np.random.default_rng(seed))
         tok = ex["tokens"].numpy()
         n_s = 50
-        s_ids = tok[5:5 + n_s] - coarse.semantic_offset
-        ac = tok[5 + n_s + 1:][: 150 * 2]
+        s_ids = tok[5 : 5 + n_s] - coarse.semantic_offset
+        ac = tok[5 + n_s + 1 :][: 150 * 2]
         assert tok[5 + n_s] == SEP
         frames = ac.reshape(150, 2)  # frame-major: [t, level]
         codes = frames - np.array([coarse.acoustic_offset(0), coarse.acoustic_offset(1)])
@@ -217,7 +237,7 @@ def test_short_sample_padded_and_masked():
     tok, mask = ex["tokens"].numpy(), ex["loss_mask"].numpy()
     n = 5 + 15 + 1 + 45 * 2
     assert (tok[n:] == PAD).all() and (tok[:n] != PAD).all()
-    assert mask.sum() == 45 * 2 and not mask[n - 1:].any()
+    assert mask.sum() == 45 * 2 and not mask[n - 1 :].any()
     assert tok[5 + 15] == SEP
 
 
@@ -262,6 +282,7 @@ def test_loss_metrics_and_overfit():
 
 def test_bench_lm_smoke():
     from musiclm.bench.lm import run
+
     r = run(preset="tiny", seq_len=32, batch_size=2, steps=1, warmup=1, threads=1)
     assert r["ours"]["tokens_per_s"] > 0 and r["gpt2"]["tokens_per_s"] > 0
     assert r["ours"]["params"] == r["gpt2"]["params"] - 32 * 64  # GPT-2 adds learned positions
@@ -269,6 +290,7 @@ def test_bench_lm_smoke():
 
 def test_bench_scaling_table():
     from musiclm.bench.scaling import render_markdown, run
+
     r = run()
     rows = {(x["stage"], x["gpus"]): x for x in r["memory"]}
     assert set(g for _, g in rows) == {8, 64, 512}
@@ -289,8 +311,9 @@ def test_rope_real_arithmetic_equals_the_complex_rotation():
     freqs = rope_frequencies(hd, L, 10000.0)
     inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
     ang = torch.outer(torch.arange(L, dtype=torch.float32), inv)
-    ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2)))
-                             * torch.polar(torch.ones_like(ang), ang)[:, None, :]).flatten(-2)
+    ref = torch.view_as_real(
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.polar(torch.ones_like(ang), ang)[:, None, :]
+    ).flatten(-2)
     torch.testing.assert_close(apply_rope(x, freqs), ref, rtol=1e-6, atol=1e-6)
     # a rotation keeps each pair's norm, and position 0 is the identity
     torch.testing.assert_close(apply_rope(x, freqs)[:, 0], x[:, 0])

@@ -38,7 +38,15 @@ def test_read_resolves_audio_keeps_extra_and_splits(tmp_path):
     m = _lines(
         tmp_path / "manifest.jsonl",
         [
-            {"id": "a", "audio": "audio/a.wav", "caption": "boom bap", "start": 1, "end": 2.5, "split": "eval", "bpm": 90},
+            {
+                "id": "a",
+                "audio": "audio/a.wav",
+                "caption": "boom bap",
+                "start": 1,
+                "end": 2.5,
+                "split": "eval",
+                "bpm": 90,
+            },
             "",
             {"id": "b-2", "audio": "/abs/b.flac", "caption": "trap beat"},
             {"id": "c_3", "audio": "s3://bucket/x/c.wav", "caption": "lofi"},
@@ -152,9 +160,32 @@ def test_from_csv_musiccaps(tmp_path):
     csv_path = tmp_path / "musiccaps-public.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["ytid", "start_s", "end_s", "audioset_positive_labels", "aspect_list", "caption", "author_id",
-                    "is_balanced_subset", "is_audioset_eval"])
-        w.writerow(["-0Gj8-vB1q4", "30", "40", "/m/0140xf", "['low quality']", "The low quality recording...", "4", "False", "True"])
+        w.writerow(
+            [
+                "ytid",
+                "start_s",
+                "end_s",
+                "audioset_positive_labels",
+                "aspect_list",
+                "caption",
+                "author_id",
+                "is_balanced_subset",
+                "is_audioset_eval",
+            ]
+        )
+        w.writerow(
+            [
+                "-0Gj8-vB1q4",
+                "30",
+                "40",
+                "/m/0140xf",
+                "['low quality']",
+                "The low quality recording...",
+                "4",
+                "False",
+                "True",
+            ]
+        )
         w.writerow(["AbC_123xyz9", "0", "10", "", "['rap']", "A rap beat.", "1", "False", "False"])
         w.writerow(["full00video", "1", "2", "", "['jazz']", "Jazz trio.", "2", "False", "False"])
         w.writerow(["notdownload", "0", "10", "", "[]", "Missing.", "3", "False", "False"])

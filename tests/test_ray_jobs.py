@@ -49,12 +49,17 @@ def test_time_grid_and_segments():
 
 
 def test_plan_groups_deterministic():
-    clips = [{"id": f"c{i:02d}", "audio": f"/x/{i}.wav", "split": "eval" if i % 4 == 0 else "train"}
-             for i in (7, 3, 0, 1, 4, 9, 2, 8, 5, 6)]
+    clips = [
+        {"id": f"c{i:02d}", "audio": f"/x/{i}.wav", "split": "eval" if i % 4 == 0 else "train"}
+        for i in (7, 3, 0, 1, 4, 9, 2, 8, 5, 6)
+    ]
     groups, errors = S.plan_groups(clips, 3)
     again, _ = S.plan_groups(list(reversed(clips)), 3)
-    assert [g.name for g in groups] == [g.name for g in again] == [
-        "eval-000000", "train-000000", "train-000001", "train-000002"]
+    assert (
+        [g.name for g in groups]
+        == [g.name for g in again]
+        == ["eval-000000", "train-000000", "train-000001", "train-000002"]
+    )
     assert [[c["id"] for c in g.clips] for g in groups] == [[c["id"] for c in g.clips] for g in again]
     assert groups[1].clips[0]["id"] == "c01" and not errors
     dup, errs = S.plan_groups(clips + [dict(clips[0])], 3)
@@ -77,8 +82,14 @@ def _write_corpus(root: Path, n_good: int, seed: int = 0) -> Path:
         x = 0.3 * np.sin(2 * np.pi * (110 * 2 ** (i / 7)) * t) + 0.02 * rng.standard_normal(len(t))
         stereo = np.stack([x, 0.5 * x], 1) if i % 2 else x
         sf.write(root / "audio" / f"c{i:03d}.{'flac' if i % 3 == 1 else 'wav'}", stereo.astype(np.float32), sr)
-        lines.append({"id": f"c{i:03d}", "audio": f"audio/c{i:03d}.{'flac' if i % 3 == 1 else 'wav'}",
-                      "caption": f"test clip {i}", "bpm": 80 + i})
+        lines.append(
+            {
+                "id": f"c{i:03d}",
+                "audio": f"audio/c{i:03d}.{'flac' if i % 3 == 1 else 'wav'}",
+                "caption": f"test clip {i}",
+                "bpm": 80 + i,
+            }
+        )
     (root / "audio" / "bad.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 20)
     sf.write(root / "audio" / "silent.wav", np.zeros(24000 * 2, np.float32), 24000)
     (root / "audio" / "empty.wav").write_bytes(b"")
@@ -92,10 +103,9 @@ def _write_corpus(root: Path, n_good: int, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Tiny models, two tokenizer configs, a corpus, and a private Ray head."""
+    import ray_utils
     import yaml
     from helpers_models import make_tiny_tokenizer_config
-
-    import ray_utils
 
     root = tmp_path_factory.mktemp("rayjobs")
     tok = make_tiny_tokenizer_config(root / "models")
@@ -107,21 +117,29 @@ def env(tmp_path_factory):
     manifest = _write_corpus(root / "corpus", n_good=8)
     head = ray_utils.start_head(num_cpus=2)
     try:
-        yield {"root": root, "manifest": str(manifest), "config": str(root / "tok.yaml"),
-               "other_config": str(root / "tok_other.yaml"), "head": head, "tok": tok}
+        yield {
+            "root": root,
+            "manifest": str(manifest),
+            "config": str(root / "tok.yaml"),
+            "other_config": str(root / "tok_other.yaml"),
+            "head": head,
+            "tok": tok,
+        }
     finally:
         ray_utils.cleanup(head)
 
 
-def _driver(env, script: str, *args: str, use_head: bool = True, extra_env: dict | None = None,
-            timeout: float = 240) -> dict:
+def _driver(
+    env, script: str, *args: str, use_head: bool = True, extra_env: dict | None = None, timeout: float = 240
+) -> dict:
     """`python ray_jobs/<script> ...` as a driver of the module's head (or a local Ray); returns the summary."""
     from ray_jobs.output import parse_summary
 
     e = env["head"].env() if use_head else _local_env(env)
     e.update(extra_env or {})
-    proc = subprocess.run([sys.executable, f"ray_jobs/{script}", *args], cwd=REPO, env=e, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, f"ray_jobs/{script}", *args], cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     summary = parse_summary(proc.stdout)
@@ -141,6 +159,7 @@ def _local_env(env) -> dict:
 
 def _submit(env, script: str, *args: str, extra_env: dict | None = None) -> dict:
     import ray_utils
+
     from ray_jobs.output import parse_summary
 
     proc = ray_utils.job_submit(env["head"], [f"ray_jobs/{script}", *args], timeout=300, env_vars=extra_env)
@@ -171,8 +190,9 @@ def _read_shards(directory: str) -> list[tuple[str, dict, set[str]]]:
     return out
 
 
-def _check_exactly_once(directory: str, manifest: str, kind: str,
-                        bad: dict | None = None) -> list[tuple[str, dict, set[str]]]:
+def _check_exactly_once(
+    directory: str, manifest: str, kind: str, bad: dict | None = None
+) -> list[tuple[str, dict, set[str]]]:
     """Every manifest clip is in the shards or in errors.jsonl, never both; keys unique; verify() passes."""
     from musiclm.data import storage
     from musiclm.data.manifest import read_manifest
@@ -182,7 +202,9 @@ def _check_exactly_once(directory: str, manifest: str, kind: str,
     keys = [k for k, _, _ in samples]
     assert len(keys) == len(set(keys)), "duplicate sample keys"
     ok = {j["clip_id"] for _, j, _ in samples}
-    errors = [json.loads(line) for line in storage.read_bytes(storage.join(directory, "errors.jsonl")).decode().splitlines()]
+    errors = [
+        json.loads(line) for line in storage.read_bytes(storage.join(directory, "errors.jsonl")).decode().splitlines()
+    ]
     failed = [e["clip_id"] for e in errors]
     assert len(failed) == len(set(failed))
     assert {e["clip_id"]: e["reason"] for e in errors} == (BAD if bad is None else bad)
@@ -209,9 +231,21 @@ def test_pack_audio_job_submit_s3_to_s3(env, moto_s3, moto_server):
         if path.is_file():
             storage.write_bytes_atomic(f"{moto_s3}/corpus/{path.relative_to(corpus).as_posix()}", path.read_bytes())
     out = f"{moto_s3}/shards"
-    summary = _submit(env, "pack_audio.py", "--manifest", f"{moto_s3}/corpus/manifest.jsonl", "--out", out,
-                      "--dataset", "toy",
-                      "--clips-per-shard", "3", "--segment-seconds", "2", extra_env=moto_server.env())
+    summary = _submit(
+        env,
+        "pack_audio.py",
+        "--manifest",
+        f"{moto_s3}/corpus/manifest.jsonl",
+        "--out",
+        out,
+        "--dataset",
+        "toy",
+        "--clips-per-shard",
+        "3",
+        "--segment-seconds",
+        "2",
+        extra_env=moto_server.env(),
+    )
     directory = f"{out}/toy/audio"
     assert summary["out_dir"] == directory and summary["clips_ok"] == 8 and summary["clips_failed"] == 4
     assert summary["failed_by_reason"] == {"corrupt": 1, "empty": 1, "missing": 1, "silent": 1}
@@ -228,8 +262,20 @@ def test_fit_kmeans_and_quantizer(env, tmp_path):
     from musiclm.quantize import MuLaNEmbedQuantizer
     from musiclm.semantic import load_centroids
 
-    km = _driver(env, "fit_kmeans.py", "--manifest", env["manifest"], "--config", env["config"],
-                 "--out", str(tmp_path / "km.safetensors"), "--clusters", "12", "--workers", "1")
+    km = _driver(
+        env,
+        "fit_kmeans.py",
+        "--manifest",
+        env["manifest"],
+        "--config",
+        env["config"],
+        "--out",
+        str(tmp_path / "km.safetensors"),
+        "--clusters",
+        "12",
+        "--workers",
+        "1",
+    )
     c = load_centroids(tmp_path / "km.safetensors")
     assert c.shape == (12, km["dim"]) and km["clips_ok"] == 8 and km["clips_failed"] == 4 and km["frames"] > 12
     assert (tmp_path / "km.errors.jsonl").read_text().count("\n") == 4
@@ -239,8 +285,16 @@ def test_fit_kmeans_and_quantizer(env, tmp_path):
     cfg = yaml.safe_load(open(env["config"]))
     cfg["tokenizers"]["quantizer"] = {"path": str(tmp_path / "quant"), "preset": "default", "codebook_size": "auto"}
     (tmp_path / "tok_auto.yaml").write_text(yaml.safe_dump(cfg))
-    q = _driver(env, "fit_quantizer.py", "--manifest", env["manifest"], "--config", str(tmp_path / "tok_auto.yaml"),
-                "--workers", "1")
+    q = _driver(
+        env,
+        "fit_quantizer.py",
+        "--manifest",
+        env["manifest"],
+        "--config",
+        str(tmp_path / "tok_auto.yaml"),
+        "--workers",
+        "1",
+    )
     quant = MuLaNEmbedQuantizer.load(str(tmp_path / "quant"))
     assert q["embeddings"] == q["segments"] > 8 and q["dim"] == quant.dim
     assert q["codebook_size"] == quant.codebook_size == 16 and q["levels"] == quant.levels == 8
@@ -253,9 +307,23 @@ def test_tokenize_job_submit_to_s3(env, moto_s3, moto_server):
     from musiclm.tokenizers import build_tokenizers
 
     out = f"{moto_s3}/shards"
-    summary = _submit(env, "tokenize.py", "--manifest", env["manifest"], "--out", out, "--dataset", "toy",
-                      "--config", env["config"], "--clips-per-shard", "4", "--workers", "1",
-                      extra_env=moto_server.env())
+    summary = _submit(
+        env,
+        "tokenize.py",
+        "--manifest",
+        env["manifest"],
+        "--out",
+        out,
+        "--dataset",
+        "toy",
+        "--config",
+        env["config"],
+        "--clips-per-shard",
+        "4",
+        "--workers",
+        "1",
+        extra_env=moto_server.env(),
+    )
     fps = build_tokenizers(env["tok"]).fingerprints()
     assert summary["out_dir"].startswith(f"{out}/toy/tokens-")
     assert summary["clips_ok"] == 8 and summary["clips_failed"] == 4 and summary["audio_seconds_per_s"] > 0
@@ -281,10 +349,29 @@ def test_tokenize_kill_resume_and_new_tokenizers(env, tmp_path):
     from musiclm.testing import GROUP_DELAY_ENV
 
     out = str(tmp_path / "shards")
-    args = ["ray_jobs/tokenize.py", "--manifest", env["manifest"], "--out", out, "--dataset", "toy",
-            "--config", env["config"], "--clips-per-shard", "1", "--workers", "1"]
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env={**env["head"].env(), GROUP_DELAY_ENV: "2.0"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [
+        "ray_jobs/tokenize.py",
+        "--manifest",
+        env["manifest"],
+        "--out",
+        out,
+        "--dataset",
+        "toy",
+        "--config",
+        env["config"],
+        "--clips-per-shard",
+        "1",
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        env={**env["head"].env(), GROUP_DELAY_ENV: "2.0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     groups_dir = None
     deadline = time.time() + 180
     try:
@@ -296,10 +383,10 @@ def test_tokenize_kill_resume_and_new_tokenizers(env, tmp_path):
                     break
             time.sleep(0.2)
         # a second job with the same plan into the same folder refuses (it would redo every group)
-        second = subprocess.run([sys.executable, *args], cwd=REPO, env=env["head"].env(), capture_output=True,
-                                text=True, timeout=120)
-        assert second.returncode != 0 and "is being written by another job (pid" in second.stderr, \
-            second.stderr[-2000:]
+        second = subprocess.run(
+            [sys.executable, *args], cwd=REPO, env=env["head"].env(), capture_output=True, text=True, timeout=120
+        )
+        assert second.returncode != 0 and "is being written by another job (pid" in second.stderr, second.stderr[-2000:]
         assert proc.poll() is None, "job finished before it could be killed:\n" + proc.stdout.read()[-3000:]
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -331,15 +418,27 @@ def test_tokenize_kill_resume_and_new_tokenizers(env, tmp_path):
     _check_exactly_once(directory, env["manifest"], "tokens", bad={k: v for k, v in BAD.items() if k != "missing"})
 
     # Same folder, another plan (clips per shard): refused before any work.
-    proc = subprocess.run([sys.executable, *args, "--clips-per-shard", "2"], cwd=REPO, env=env["head"].env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, *args, "--clips-per-shard", "2"],
+        cwd=REPO,
+        env=env["head"].env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "different plan" in proc.stdout + proc.stderr
 
     # Different tokenizers -> a new folder, the first one untouched. No RAY_ADDRESS: this run
     # starts its own local Ray (the embedded default).
     before = sorted(storage.listdir(directory))
-    other = _driver(env, "tokenize.py", *[a if a != env["config"] else env["other_config"] for a in args[1:]],
-                    "--clips-per-shard", "6", use_head=False)
+    other = _driver(
+        env,
+        "tokenize.py",
+        *[a if a != env["config"] else env["other_config"] for a in args[1:]],
+        "--clips-per-shard",
+        "6",
+        use_head=False,
+    )
     assert other["ray"] == "local"
     assert other["out_dir"] != directory and other["out_dir"].startswith(str(Path(out) / "toy" / "tokens-"))
     assert sorted(storage.listdir(directory)) == before

@@ -23,8 +23,7 @@ import time
 
 import pytest
 import torch
-
-from train_utils import ROOT, launch, make_tiny_shards, read_log, train_args, train_losses
+from train_utils import launch, make_tiny_shards, read_log, train_args, train_losses
 
 slow = pytest.mark.slow
 
@@ -65,8 +64,9 @@ def test_manifest_rejects_changes(tmp_path):
     for d, step in ((good, 10), (bad, 20)):
         (d / "model").mkdir(parents=True)
         (d / "model" / "states.pt").write_bytes(os.urandom(4096))
-        (d / ckpt.STATE_FILE).write_text(json.dumps({"complete": True, "step": step, "world_size": 1,
-                                                      "engines": ["model"]}))
+        (d / ckpt.STATE_FILE).write_text(
+            json.dumps({"complete": True, "step": step, "world_size": 1, "engines": ["model"]})
+        )
         ckpt.write_manifest(str(d))
     assert ckpt.verify_checkpoint(str(bad)) is None
     logged = []
@@ -77,8 +77,10 @@ def test_manifest_rejects_changes(tmp_path):
     (bad / "model" / "states.pt").write_bytes(bytes(data))
     plan = ckpt.plan_resume(str(root), "auto", 1, log=logged.append)
     assert plan.tag == "step_00000010" and plan.step == 10
-    assert logged == [f"skipping checkpoint {bad}: model/states.pt does not match its sha256 in the manifest "
-                      "(changed after it was written)"]
+    assert logged == [
+        f"skipping checkpoint {bad}: model/states.pt does not match its sha256 in the manifest "
+        "(changed after it was written)"
+    ]
     with pytest.raises(ckpt.CheckpointRejected, match="does not match its sha256"):
         ckpt.plan_resume(str(root), "step_00000020", 1)
 
@@ -152,8 +154,10 @@ def test_resume_skips_corrupt_checkpoint_and_refuses_pickles(work, shards, ds):
     rc = launch(2, train_args(stage, run_dir, shards, ds, ["--stop_after", "4", *every]), log)
     text = read_log(log)
     assert rc == 0, text[-4000:]
-    assert (f"skipping checkpoint {_ck(run_dir, 4)}: model/{victim} has {size // 2} bytes, the manifest says "
-            f"{size} (truncated or changed)") in text
+    assert (
+        f"skipping checkpoint {_ck(run_dir, 4)}: model/{victim} has {size // 2} bytes, the manifest says "
+        f"{size} (truncated or changed)"
+    ) in text
     assert f"resumed from {_ck(run_dir, 2)} at step 2" in text
     got = train_losses(run_dir)
     assert sorted(got) == [1, 2, 3, 4]
@@ -181,9 +185,17 @@ def test_resume_skips_corrupt_checkpoint_and_refuses_pickles(work, shards, ds):
     assert not os.path.exists(marker), "a pickle in a checkpoint ran code on resume"
     assert "Weights only load failed" in text and "Unsupported global: GLOBAL exec" in text, text[-3000:]
     # the payload is live: a plain unpickling would have run it
-    subprocess.run([sys.executable, "-c", "import sys, torch; sys.path.insert(0, sys.argv[2]); "
-                    "torch.load(sys.argv[1], weights_only=False)", target, os.path.dirname(__file__)],
-                   capture_output=True, env={k: v for k, v in os.environ.items() if "WEIGHTS_ONLY" not in k})
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, torch; sys.path.insert(0, sys.argv[2]); torch.load(sys.argv[1], weights_only=False)",
+            target,
+            os.path.dirname(__file__),
+        ],
+        capture_output=True,
+        env={k: v for k, v in os.environ.items() if "WEIGHTS_ONLY" not in k},
+    )
     assert os.path.exists(marker)
 
 
@@ -226,18 +238,18 @@ def test_disk_full_simulated_leaves_nothing(tmp_path, monkeypatch):
     partial = os.path.join(root, ".partial-step_00000002")
     monkeypatch.setattr(ckpt, "_free_bytes", lambda path: 4096 if os.path.exists(partial) else 10**12)
     with pytest.raises(ckpt.DiskFull, match="no space left on device while writing checkpoint step_00000002"):
-        ckpt.save_checkpoint({"model": TorchWriterEngine()}, root, 2, {"world_size": 1}, rank=0,
-                             barrier=lambda: None)
+        ckpt.save_checkpoint({"model": TorchWriterEngine()}, root, 2, {"world_size": 1}, rank=0, barrier=lambda: None)
     assert os.listdir(root) == []
     monkeypatch.setattr(ckpt, "_free_bytes", lambda path: 10**12)  # plenty of space: not "disk full"
     with pytest.raises(RuntimeError, match="unexpected pos") as ei:
-        ckpt.save_checkpoint({"model": TorchWriterEngine()}, root, 2, {"world_size": 1}, rank=0,
-                             barrier=lambda: None)
+        ckpt.save_checkpoint({"model": TorchWriterEngine()}, root, 2, {"world_size": 1}, rank=0, barrier=lambda: None)
     assert not isinstance(ei.value, ckpt.DiskFull) and os.listdir(root) == []
 
     # before writing: the checkpoint will not fit
     monkeypatch.setattr(ckpt, "_free_bytes", lambda path: 10)
-    with pytest.raises(ckpt.DiskFull, match=r"no space left on device for checkpoint step_00000002 in .*nothing was written"):
+    with pytest.raises(
+        ckpt.DiskFull, match=r"no space left on device for checkpoint step_00000002 in .*nothing was written"
+    ):
         ckpt.save_checkpoint({"model": _WritingEngine()}, root, 2, {"world_size": 1}, rank=0, barrier=lambda: None)
     assert os.listdir(root) == []
 
@@ -289,8 +301,9 @@ def test_disk_full_during_save_real_launcher(small_disk, shards):
     text = read_log(log)
     assert rc != 0
     ck = os.path.join(run_dir, "checkpoints")
-    assert (f"DiskFull: no space left on device while writing checkpoint step_00000002 to {ck} "
-            f"(file system {disk}, ") in text, text[-4000:]
+    assert (
+        f"DiskFull: no space left on device while writing checkpoint step_00000002 to {ck} (file system {disk}, "
+    ) in text, text[-4000:]
     assert os.listdir(ck) == []
     assert _no_leftovers(run_dir) == []
 
@@ -304,12 +317,17 @@ def test_disk_full_before_save_every_rank_agrees(small_disk, shards):
     disk = small_disk(3072)
     run_dir = os.path.join(disk, "run")
     log = disk + ".log"
-    rc = launch(2, train_args("semantic", run_dir, shards, "zero2",
-                              ["--stop_after", "4", "--set", "train.checkpoint_every=2"]), log)
+    rc = launch(
+        2,
+        train_args("semantic", run_dir, shards, "zero2", ["--stop_after", "4", "--set", "train.checkpoint_every=2"]),
+        log,
+    )
     text = read_log(log)
     assert rc != 0
     ck = os.path.join(run_dir, "checkpoints")
-    line = f"DiskFull: no space left on device for checkpoint step_00000004 in {ck} (file system {disk}): it needs about"
+    line = (
+        f"DiskFull: no space left on device for checkpoint step_00000004 in {ck} (file system {disk}): it needs about"
+    )
     assert text.count(line) >= 1, text[-4000:]
     assert "nothing was written, earlier checkpoints are untouched" in text
     assert sorted(os.listdir(ck)) == ["latest", "step_00000002"]
@@ -329,8 +347,12 @@ def test_ray_head_listens_on_loopback_only():
 
     head = ray_utils.start_head(num_cpus=1)
     try:
-        expected = {head.gcs_port: "GCS", head.dashboard_port: "dashboard", head.agent_port: "dashboard agent",
-                    head.metrics_port: "metrics export"}
+        expected = {
+            head.gcs_port: "GCS",
+            head.dashboard_port: "dashboard",
+            head.agent_port: "dashboard agent",
+            head.metrics_port: "metrics export",
+        }
         deadline = time.time() + 60
         while True:  # the agents come up after the dashboard answers
             pids = set(head.own_pids()) | {head.proc.pid}
@@ -345,8 +367,7 @@ def test_ray_head_listens_on_loopback_only():
         assert not exposed, f"listening beyond 127.0.0.1: {exposed}"
         # the node registered itself under 127.0.0.1 (state API, with the token)
         token = open(head.token_path).read().strip()
-        req = urllib.request.Request(head.dashboard_url + "/api/v0/nodes",
-                                     headers={"Authorization": f"Bearer {token}"})
+        req = urllib.request.Request(head.dashboard_url + "/api/v0/nodes", headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(req, timeout=10) as r:
             nodes = json.load(r)["data"]["result"]["result"]
         assert [n["node_ip"] for n in nodes] == ["127.0.0.1"], nodes
@@ -367,10 +388,13 @@ def _wav(path, seconds=0.5, sr=16000):
     sf.write(str(path), np.zeros(int(seconds * sr), dtype="float32"), sr)
 
 
-@pytest.mark.parametrize("bad, reason", [
-    (b"", "empty file (0 bytes)"),
-    (b"id,caption\nnot,audio\n", "unreadable or corrupt audio"),
-])
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (b"", "empty file (0 bytes)"),
+        (b"id,caption\nnot,audio\n", "unreadable or corrupt audio"),
+    ],
+)
 def test_manifest_check_exits_1_on_unreadable_audio(tmp_path, capsys, bad, reason):
     from musiclm.cli import main
 
@@ -378,15 +402,21 @@ def test_manifest_check_exits_1_on_unreadable_audio(tmp_path, capsys, bad, reaso
     (tmp_path / "bad.wav").write_bytes(bad)
     m = tmp_path / "manifest.jsonl"
     # a duration in the manifest does not spare the file from being opened
-    m.write_text(json.dumps({"id": "ok", "audio": "ok.wav", "caption": "fine"}) + "\n"
-                 + json.dumps({"id": "bad", "audio": "bad.wav", "caption": "renamed", "duration": 3.0}) + "\n")
+    m.write_text(
+        json.dumps({"id": "ok", "audio": "ok.wav", "caption": "fine"})
+        + "\n"
+        + json.dumps({"id": "bad", "audio": "bad.wav", "caption": "renamed", "duration": 3.0})
+        + "\n"
+    )
     assert main(["manifest", "check", str(m)]) == 1
     out, err = capsys.readouterr()
     report = json.loads(out)
     assert report["ok"] is False and report["unreadable_audio"] == 1 and report["missing_audio"] == 0
     assert report["unreadable"][0]["id"] == "bad" and reason in report["unreadable"][0]["reason"]
-    assert err.startswith(f"manifest check failed: {m}: 0 missing and 1 unreadable audio files (first unreadable: "
-                          f"{tmp_path / 'bad.wav'}: {reason}")
+    assert err.startswith(
+        f"manifest check failed: {m}: 0 missing and 1 unreadable audio files (first unreadable: "
+        f"{tmp_path / 'bad.wav'}: {reason}"
+    )
     (tmp_path / "bad.wav").unlink()
     _wav(tmp_path / "bad.wav")
     assert main(["manifest", "check", str(m)]) == 0
@@ -401,8 +431,13 @@ def _check_s3(url: str, env: dict) -> tuple[int, str, float]:
 def _aws_env(**kw) -> dict:
     """This process's environment without any AWS setting (no shared files, no instance metadata)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update({"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
-                "AWS_EC2_METADATA_DISABLED": "true"})
+    env.update(
+        {
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+            "AWS_CONFIG_FILE": "/nonexistent",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
     env.update(kw)
     return env
 
@@ -415,8 +450,10 @@ def test_s3_manifest_without_credentials_one_line(moto_s3):
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     rc, err, secs = _check_s3(url, _aws_env(AWS_ENDPOINT_URL=endpoint))
     assert rc == 1
-    assert err.strip() == (f"manifest check failed: {url}: no S3 credentials: set AWS_ACCESS_KEY_ID and "
-                           "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+    assert err.strip() == (
+        f"manifest check failed: {url}: no S3 credentials: set AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+    )
     assert secs < 20, secs  # interpreter start included; no retries
     # neither credentials nor endpoint: both named
     rc, err, _ = _check_s3(url, _aws_env())
@@ -432,9 +469,18 @@ def test_s3_manifest_endpoint_unreachable_one_line_fast():
 
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     url = "s3://bucket/corpus/manifest.jsonl"
-    rc, err, secs = _check_s3(url, _aws_env(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="fake",
-                                            AWS_SECRET_ACCESS_KEY="fake", AWS_DEFAULT_REGION="us-east-1"))
+    rc, err, secs = _check_s3(
+        url,
+        _aws_env(
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_ACCESS_KEY_ID="fake",
+            AWS_SECRET_ACCESS_KEY="fake",
+            AWS_DEFAULT_REGION="us-east-1",
+        ),
+    )
     assert rc == 1
-    assert err.strip() == (f"manifest check failed: {url}: cannot connect to the endpoint {endpoint}: check that "
-                           "the server is up and AWS_ENDPOINT_URL is right")
+    assert err.strip() == (
+        f"manifest check failed: {url}: cannot connect to the endpoint {endpoint}: check that "
+        "the server is up and AWS_ENDPOINT_URL is right"
+    )
     assert secs < 20, secs

@@ -10,11 +10,13 @@ from musiclm.train.report import format_runs_table, format_timings_table, run_su
 def test_run_summary_and_tables(tmp_path):
     run = tmp_path / "semantic"
     run.mkdir()
-    recs = [{"step": 1, "time": 100.0, "startup/process_to_first_step_s": 4.5},
-            {"step": 1, "time": 100.0, "train/loss": 6.0},
-            {"step": 2, "time": 130.0, "train/loss": 5.0},
-            {"step": 3, "time": 160.0, "train/loss": 4.0, "perf/samples_per_s": 3.2},
-            {"step": 3, "time": 161.0, "eval/loss": 4.4}]
+    recs = [
+        {"step": 1, "time": 100.0, "startup/process_to_first_step_s": 4.5},
+        {"step": 1, "time": 100.0, "train/loss": 6.0},
+        {"step": 2, "time": 130.0, "train/loss": 5.0},
+        {"step": 3, "time": 160.0, "train/loss": 4.0, "perf/samples_per_s": 3.2},
+        {"step": 3, "time": 161.0, "eval/loss": 4.4},
+    ]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n{cut off")
     (run / "startup.json").write_text(json.dumps({"process_to_first_step_s": 4.5}))
     (run / "config.yaml").write_text("train: {max_steps: 100, max_minutes: 3}\n")

@@ -25,8 +25,8 @@ CAPTIONS = [
 
 
 def _tiny_mulan(root, seed: int = 0, tweak=None) -> str:
-    from musiclm.mulan.model import MuLaN, train_caption_tokenizer
     from musiclm.mulan.checkpoint import save_mulan
+    from musiclm.mulan.model import MuLaN, train_caption_tokenizer
 
     tok = os.path.join(root, "tokenizer.json")
     if not os.path.exists(tok):
@@ -112,16 +112,25 @@ def test_layer_out_of_range_and_missing_model(mulan_dir):
 def test_ast_mulan_is_refused(tmp_path):
     from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 
-    from musiclm.mulan.model import MuLaN, train_caption_tokenizer
     from musiclm.mulan.checkpoint import save_mulan
+    from musiclm.mulan.model import MuLaN, train_caption_tokenizer
 
     ast_dir = str(tmp_path / "tiny-ast")
-    ASTModel(ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                       max_length=128)).save_pretrained(ast_dir)
+    ASTModel(
+        ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_length=128)
+    ).save_pretrained(ast_dir)
     ASTFeatureExtractor(max_length=128).save_pretrained(ast_dir)
     tok = train_caption_tokenizer(CAPTIONS * 4, str(tmp_path / "tok.json"), vocab_size=120)
-    d = save_mulan(MuLaN({"preset": "tiny", "audio": {"kind": "ast", "pretrained": ast_dir, "seconds": 1.0},
-                          "text": {"tokenizer_file": tok}}), str(tmp_path / "m"))
+    d = save_mulan(
+        MuLaN(
+            {
+                "preset": "tiny",
+                "audio": {"kind": "ast", "pretrained": ast_dir, "seconds": 1.0},
+                "text": {"tokenizer_file": tok},
+            }
+        ),
+        str(tmp_path / "m"),
+    )
     with pytest.raises(ValueError, match="spectrogram.*AST"):
         _feats(d, layer=1)(_wav(1.0))
 
@@ -182,8 +191,9 @@ def test_kmeans_tokenizer_and_bundle(tmp_path, mulan_dir):
     assert bundle.semantic is not None and bundle.semantic.vocab_size == 16
     assert bundle.frame_rates() == {"semantic": 25}
     wav24 = _wav(2.0, batch=2, seed=5)  # the bundle takes 24 kHz by default and resamples
-    out = bundle.tokenize(torch.nn.functional.interpolate(wav24[:, None], scale_factor=1.5)[:, 0],
-                          entries=["semantic.npy"])
+    out = bundle.tokenize(
+        torch.nn.functional.interpolate(wav24[:, None], scale_factor=1.5)[:, 0], entries=["semantic.npy"]
+    )
     assert out[0]["semantic.npy"].dtype == np.int16 and out[0]["semantic.npy"].shape == (50,)
     fp = bundle.fingerprints()["semantic"]
     assert fp["name"] == "mulan-kmeans" and fp["vocab_size"] == 16 and fp["sample_rate"] == SR
@@ -203,7 +213,7 @@ def _beat_tokens(bpm: float, seconds: float = 10.0, rate: int = 25, seed: int = 
     t = 0.0
     while t * rate < n:
         i = int(round(t * rate))
-        tok[i: i + 2] = 1
+        tok[i : i + 2] = 1
         t += 60.0 / bpm
     flips = g.choice(n, n // 40, replace=False)
     tok[flips] = g.integers(4, 8, size=len(flips))
@@ -246,13 +256,22 @@ def _token_shards(root, n_train=12, n_eval=6, vocab=16, cond_codebook=8, levels=
                 style = styles[i % 2]
                 bpm = float(g.uniform(60, 110))
                 sem = _beat_tokens(bpm, seed=i) % vocab
-                w.write({"__key__": f"{split}-{i:03d}__0000",
-                         "acoustic.npy": g.integers(0, 1024, (8, 750)).astype(np.int16),
-                         "semantic.npy": sem.astype(np.int16),
-                         "mulan.npy": g.standard_normal(128).astype(np.float16),
-                         "cond.npy": g.integers(0, cond_codebook, (3, levels)).astype(np.int16),
-                         "json": {"clip_id": f"{split}-{i:03d}", "caption": CAPTIONS[i % 4], "start": 0.0,
-                                  "end": 10.0, "tags": {"bpm": bpm, "style": style}}})
+                w.write(
+                    {
+                        "__key__": f"{split}-{i:03d}__0000",
+                        "acoustic.npy": g.integers(0, 1024, (8, 750)).astype(np.int16),
+                        "semantic.npy": sem.astype(np.int16),
+                        "mulan.npy": g.standard_normal(128).astype(np.float16),
+                        "cond.npy": g.integers(0, cond_codebook, (3, levels)).astype(np.int16),
+                        "json": {
+                            "clip_id": f"{split}-{i:03d}",
+                            "caption": CAPTIONS[i % 4],
+                            "start": 0.0,
+                            "end": 10.0,
+                            "tags": {"bpm": bpm, "style": style},
+                        },
+                    }
+                )
         shards += w.shards
     fps = {"semantic": {"kind": "semantic", "frame_rate": 25, "vocab_size": vocab}}
     write_index(root, shards, kind="tokens", fingerprints=fps)
@@ -292,19 +311,49 @@ def test_eval_tempo_cli_with_generation(tmp_path, mulan_dir, capsys):
     weights = str(tmp_path / "sem.safetensors")
     save_file({k: v.contiguous().clone() for k, v in lm.state_dict().items()}, weights)
     with open(str(tmp_path / "sem.json"), "w") as f:
-        json.dump({"kind": "musiclm.stage_lm", "stage": "semantic", "model": cfg.to_dict(), "tokens": tokens,
-                   "window_seconds": stage.window_seconds, "step": 0}, f)
+        json.dump(
+            {
+                "kind": "musiclm.stage_lm",
+                "stage": "semantic",
+                "model": cfg.to_dict(),
+                "tokens": tokens,
+                "window_seconds": stage.window_seconds,
+                "step": 0,
+            },
+            f,
+        )
     q = MuLaNEmbedQuantizer(128, levels=2, codebook_size=8)
     q.fit(np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32))
     qdir = q.save(str(tmp_path / "quant"))
     out = str(tmp_path / "ev")
-    rc = main(["eval", "tempo", "--shards", d, "--model", weights, "--mulan", mulan_dir, "--quantizer", qdir,
-               "--samples", "2", "--cond-scale", "2.0", "--out", out, "--label", "tiny"])
+    rc = main(
+        [
+            "eval",
+            "tempo",
+            "--shards",
+            d,
+            "--model",
+            weights,
+            "--mulan",
+            mulan_dir,
+            "--quantizer",
+            qdir,
+            "--samples",
+            "2",
+            "--cond-scale",
+            "2.0",
+            "--out",
+            out,
+            "--label",
+            "tiny",
+        ]
+    )
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     m = res["methods"]
-    assert {"ceiling", "generated", "generated_mismatched", "generated_audio_cond", "train_mean",
-            "style_mean"} == set(m)
+    assert {"ceiling", "generated", "generated_mismatched", "generated_audio_cond", "train_mean", "style_mean"} == set(
+        m
+    )
     assert len(res["info"]["text_audio_cond_agreement_per_level"]) == 2
     gain = res["info"]["following_gain_folded_bpm"]
     assert gain["captions"] <= 6 and (gain["mean"] is None or gain["ci95"][0] <= gain["mean"] <= gain["ci95"][1])

@@ -10,9 +10,9 @@ import shutil
 import numpy as np
 import pytest
 import yaml
+from train_utils import TINY_CONFIG, launch, make_tiny_shards, metrics, read_log, train_args
 
 from musiclm.train import data as tdata
-from train_utils import TINY_CONFIG, launch, make_tiny_shards, metrics, read_log, train_args
 
 slow = pytest.mark.slow
 

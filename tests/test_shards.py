@@ -31,12 +31,25 @@ from musiclm.data.shards import (
 )
 
 FPS = {
-    "acoustic": {"kind": "acoustic", "name": "encodec", "config": {"bandwidth": 6.0}, "weights_sha256": "ab" * 32,
-                 "sample_rate": 24000, "frame_rate": 75, "levels": 4, "codebook_size": 1024},
+    "acoustic": {
+        "kind": "acoustic",
+        "name": "encodec",
+        "config": {"bandwidth": 6.0},
+        "weights_sha256": "ab" * 32,
+        "sample_rate": 24000,
+        "frame_rate": 75,
+        "levels": 4,
+        "codebook_size": 1024,
+    },
     "semantic": {"kind": "semantic", "name": "kmeans-hubert", "frame_rate": 25, "vocab_size": 512},
     "mulan": {"kind": "mulan", "name": "mulan-tiny", "dim": 16},
-    "quantizer": {"kind": "quantizer", "name": "mq", "namespaces": ["semantic", "coarse", "fine"], "levels": 8,
-                  "codebook_size": 1024},
+    "quantizer": {
+        "kind": "quantizer",
+        "name": "mq",
+        "namespaces": ["semantic", "coarse", "fine"],
+        "levels": 8,
+        "codebook_size": 1024,
+    },
 }
 
 
@@ -49,8 +62,15 @@ def make_sample(clip: int, seg: int, seconds: float = 1.0, seed: int = 0) -> dic
         "semantic.npy": rng.integers(0, 512, (int(25 * seconds),), dtype=np.int16),
         "mulan.npy": rng.standard_normal(16).astype(np.float16),
         "cond.npy": rng.integers(0, 1024, (3, 8), dtype=np.int16),
-        "json": {"clip_id": cid, "caption": f"beat {clip}", "source": f"/data/{cid}.wav", "start": seg * seconds,
-                 "end": (seg + 1) * seconds, "sample_rate": 24000, "tags": {"bpm": 90}},
+        "json": {
+            "clip_id": cid,
+            "caption": f"beat {clip}",
+            "source": f"/data/{cid}.wav",
+            "start": seg * seconds,
+            "end": (seg + 1) * seconds,
+            "sample_rate": 24000,
+            "tags": {"bpm": 90},
+        },
     }
 
 
@@ -95,9 +115,21 @@ def test_fingerprint_hash_and_dirs():
 def test_local_round_trip_inspect_verify(tmp_path):
     d, samples = write_dataset(str(tmp_path), splits=("train", "eval"))
     names = sorted(os.listdir(d))
-    assert names == ["eval-000000.tar", "eval-000001.tar", "eval-000002.tar", "eval-000003.tar", "eval-000004.tar",
-                     "eval-000005.tar", "index.json", "train-000000.tar", "train-000001.tar", "train-000002.tar",
-                     "train-000003.tar", "train-000004.tar", "train-000005.tar"]
+    assert names == [
+        "eval-000000.tar",
+        "eval-000001.tar",
+        "eval-000002.tar",
+        "eval-000003.tar",
+        "eval-000004.tar",
+        "eval-000005.tar",
+        "index.json",
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+        "train-000003.tar",
+        "train-000004.tar",
+        "train-000005.tar",
+    ]
     assert len(list_shards(d, "train")) == 6 and len(list_shards(d)) == 12
     got = {s["__key__"]: s for s in shard_reader(d, "train", seed=3)}
     want = {s["__key__"]: s for s in samples if s["__key__"].startswith("train")}
@@ -127,8 +159,13 @@ def test_local_round_trip_inspect_verify(tmp_path):
 def test_s3_round_trip(moto_s3):
     d, samples = write_dataset(f"{moto_s3}/shards", n_clips=5, per_shard=3)
     assert d.startswith("s3://")
-    assert storage.listdir(d) == ["index.json", "train-000000.tar", "train-000001.tar", "train-000002.tar",
-                                  "train-000003.tar"]
+    assert storage.listdir(d) == [
+        "index.json",
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+        "train-000003.tar",
+    ]
     got = {s["__key__"]: s for s in shard_reader(d, "train", seed=1)}
     assert got.keys() == {s["__key__"] for s in samples}
     for s in samples:
@@ -391,8 +428,13 @@ def test_audio_shards_round_trip_and_verify(tmp_path):
 
     with ShardWriter(d, "train", kind="audio") as w:
         for i in range(3):
-            w.write({"__key__": f"c{i}__0000", "flac": flac(),
-                     "json": {"clip_id": f"c{i}", "caption": "x", "sample_rate": 16000, "tags": {}}})
+            w.write(
+                {
+                    "__key__": f"c{i}__0000",
+                    "flac": flac(),
+                    "json": {"clip_id": f"c{i}", "caption": "x", "sample_rate": 16000, "tags": {}},
+                }
+            )
     write_index(d, w.shards, kind="audio", fingerprints={}, extra={"sample_rate": 16000})
     assert w.shards[0]["seconds"] == pytest.approx(1.5)  # from the flac when json has no start/end
     [s0, *_] = list(shard_reader(d, "train", shuffle=0))

@@ -10,7 +10,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from helpers_models import (
     make_tiny_clap,
     make_tiny_encodec,
@@ -20,6 +19,7 @@ from helpers_models import (
     random_encodec_24khz,
     sine_batch,
 )
+
 from musiclm.codec import AcousticTokenizer, EncodecTokenizer, build_acoustic
 from musiclm.mulan import AudioTextEmbedder, ClapEmbedder, build_embedder, window_spans
 from musiclm.semantic import (
@@ -82,7 +82,7 @@ def test_encodec_bandwidth_sets_levels(models):
     assert tok.levels == 2
     assert tok.encode(sine_batch(1, 1.0)).shape == (1, 2, 75)
     with pytest.raises(ValueError, match="bandwidth"):
-        EncodecTokenizer(models["encodec"], bandwidth=5.0).levels
+        _ = EncodecTokenizer(models["encodec"], bandwidth=5.0).levels
 
 
 def test_encodec_fingerprint_changes_with_weights_and_config(models, encodec, tmp_path):
@@ -156,7 +156,10 @@ def test_kmeans_on_mfcc_and_semantic_ids(tmp_path):
     moved = centroids.copy()
     moved[0, 0] += 1.0
     assert SemanticTokenizer(f, moved).fingerprint()["weights_sha256"] != fp["weights_sha256"]
-    assert SemanticTokenizer(SemanticFeatures("mfcc", n_mfcc=20, n_mels=40), centroids).fingerprint()["config"] != fp["config"]
+    assert (
+        SemanticTokenizer(SemanticFeatures("mfcc", n_mfcc=20, n_mels=40), centroids).fingerprint()["config"]
+        != fp["config"]
+    )
 
 
 def test_kmeans_streams_with_partial_fit():

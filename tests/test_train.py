@@ -18,13 +18,26 @@ import json
 import os
 import shutil
 import signal
+
 import numpy as np
 import pytest
 import torch
-
 from train_utils import (
-    DS_CONFIGS, TINY_CONFIG, eval_losses, launch, launch_two_nodes, make_tiny_shards, mean, metrics, read_log, start,
-    train_args, train_losses, unigram_entropy, wait_for_step, wait_group,
+    DS_CONFIGS,
+    TINY_CONFIG,
+    eval_losses,
+    launch,
+    launch_two_nodes,
+    make_tiny_shards,
+    mean,
+    metrics,
+    read_log,
+    start,
+    train_args,
+    train_losses,
+    unigram_entropy,
+    wait_for_step,
+    wait_group,
 )
 
 slow = pytest.mark.slow  # launches DeepSpeed processes
@@ -93,9 +106,20 @@ def test_zero3_coarse_learns_and_tensorboard(run_z3, shards):
     acc = EventAccumulator(os.path.join(run_z3, "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    want = {"train/loss", "train/accuracy", "train/loss/level_0", "train/loss/level_1", "train/lr",
-            "train/grad_norm", "perf/tokens_per_s", "perf/samples_per_s", "perf/mfu", "perf/peak_memory_gb",
-            "eval/loss", "eval/accuracy"}
+    want = {
+        "train/loss",
+        "train/accuracy",
+        "train/loss/level_0",
+        "train/loss/level_1",
+        "train/lr",
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "perf/samples_per_s",
+        "perf/mfu",
+        "perf/peak_memory_gb",
+        "eval/loss",
+        "eval/accuracy",
+    }
     assert want <= tags, want - tags
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == list(range(1, 101))
@@ -181,8 +205,9 @@ def test_sigterm_resume_matches_uninterrupted(run_a, work, shards):
     assert sorted(got) == list(range(1, 101))
     steps = list(range(stopped + 1, 101))
     np.testing.assert_allclose([got[s] for s in steps], [ref[s] for s in steps], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose([got[s] for s in range(1, stopped + 1)], [ref[s] for s in range(1, stopped + 1)],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        [got[s] for s in range(1, stopped + 1)], [ref[s] for s in range(1, stopped + 1)], rtol=1e-5, atol=1e-6
+    )
     assert eval_losses(run_dir)[100] == pytest.approx(eval_losses(run_a)[100], rel=1e-5)
 
 
@@ -217,10 +242,13 @@ def test_world_size_change_through_universal_checkpoint(run_a, work, shards):
     assert mean(got[s] for s in range(96, 101)) < unigram_entropy(shards, "semantic") - 0.3
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("tokens.acoustic_levels=8", "acoustic tokenizer fingerprint field 'levels' is 4, expected 8"),
-    ("fingerprint_hash=deadbeef00", "the config pins fingerprint_hash deadbeef00"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("tokens.acoustic_levels=8", "acoustic tokenizer fingerprint field 'levels' is 4, expected 8"),
+        ("fingerprint_hash=deadbeef00", "the config pins fingerprint_hash deadbeef00"),
+    ],
+)
 def test_fingerprint_mismatch_refused(work, shards, override, needle, capsys):
     # launch/train.py's main, in this process: the check runs before any distributed/DeepSpeed work
     from musiclm.train.engine import train_main
@@ -327,8 +355,9 @@ def test_eval_batches_same_count_on_every_rank(shards):
     kw = _stream_kwargs(shards)
     kw.pop("shuffle")
     for world in (1, 2, 3):
-        got = [list(tdata.eval_batches(urls, "eval", n_batches=5, rank=r, world_size=world, **kw))
-               for r in range(world)]
+        got = [
+            list(tdata.eval_batches(urls, "eval", n_batches=5, rank=r, world_size=world, **kw)) for r in range(world)
+        ]
         assert [len(g) for g in got] == [5] * world
     again = list(tdata.eval_batches(urls, "eval", n_batches=5, rank=1, world_size=3, **kw))
     assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(got[1], again))
@@ -382,8 +411,9 @@ def test_checkpoint_completeness_and_atomic_latest(tmp_path):
         d = root / ckpt.tag_for_step(step)
         (d / "model").mkdir(parents=True)
         if complete:
-            (d / ckpt.STATE_FILE).write_text(json.dumps({"complete": True, "step": step, "world_size": 2,
-                                                          "engines": ["model"]}))
+            (d / ckpt.STATE_FILE).write_text(
+                json.dumps({"complete": True, "step": step, "world_size": 2, "engines": ["model"]})
+            )
             ckpt.write_manifest(str(d))
     (root / ".partial-step_00000040" / "model").mkdir(parents=True)
     assert ckpt.newest_checkpoint(str(root)) == "step_00000020"
@@ -402,8 +432,10 @@ def test_config_overrides_and_schedule():
     from musiclm.config import apply_overrides, load_config
     from musiclm.train.engine import WarmupCosine, load_ds_config
 
-    cfg = load_config(os.path.join(os.path.dirname(TINY_CONFIG), "coarse.yaml"),
-                      ["train.max_steps=7", "deepspeed.zero_optimization.stage=3"])
+    cfg = load_config(
+        os.path.join(os.path.dirname(TINY_CONFIG), "coarse.yaml"),
+        ["train.max_steps=7", "deepspeed.zero_optimization.stage=3"],
+    )
     assert cfg["stage"] == "coarse" and cfg["model"]["preset"] == "tiny" and cfg["train"]["max_steps"] == 7
     ds = load_ds_config(os.path.join(DS_CONFIGS, "zero2.json"), cfg)
     assert ds["zero_optimization"]["stage"] == 3 and ds["train_micro_batch_size_per_gpu"] == 8
@@ -427,14 +459,28 @@ TOY_SPEC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_gan_spe
 def _toy_config(work, shards) -> str:
     import yaml
 
-    cfg = {"name": "toy", "stage": "toy_gan", "seed": 0, "imports": [TOY_SPEC],
-           "data": {"shards": shards, "shuffle": 32, "prefetch": 2},
-           "toy": {"dim": 8, "d_lr_scale": 2.0},
-           "train": {"max_steps": 12, "warmup_steps": 2, "log_every": 1, "eval_every": 6, "eval_batches": 1,
-                     "checkpoint_every": 6},
-           "deepspeed": {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
-                         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.5, 0.9]}},
-                         "zero_optimization": {"stage": 2}}}
+    cfg = {
+        "name": "toy",
+        "stage": "toy_gan",
+        "seed": 0,
+        "imports": [TOY_SPEC],
+        "data": {"shards": shards, "shuffle": 32, "prefetch": 2},
+        "toy": {"dim": 8, "d_lr_scale": 2.0},
+        "train": {
+            "max_steps": 12,
+            "warmup_steps": 2,
+            "log_every": 1,
+            "eval_every": 6,
+            "eval_batches": 1,
+            "checkpoint_every": 6,
+        },
+        "deepspeed": {
+            "train_micro_batch_size_per_gpu": 4,
+            "gradient_clipping": 1.0,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.5, 0.9]}},
+            "zero_optimization": {"stage": 2},
+        },
+    }
     path = str(work / "toy.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
@@ -491,8 +537,13 @@ def test_config_typos_and_bad_values_are_refused(tmp_path):
 
     def refused(cfg, ds=None) -> str:
         with pytest.raises(ConfigError) as e:
-            Trainer("semantic", cfg, ds or os.path.join(DS_CONFIGS, "cpu.json"), run_dir=str(tmp_path / "r"),
-                    config_path="tiny.yaml")
+            Trainer(
+                "semantic",
+                cfg,
+                ds or os.path.join(DS_CONFIGS, "cpu.json"),
+                run_dir=str(tmp_path / "r"),
+                config_path="tiny.yaml",
+            )
         return str(e.value)
 
     msg = refused({**base, "trian": {"max_steps": 3}})
@@ -527,8 +578,13 @@ def test_budget_counts_training_time_and_nothing_is_compiled(tmp_path, shards):
     from train_utils import compiled_ops
 
     run_dir = str(tmp_path / "budget")
-    extra = ["--set", "train.max_minutes=0.1", "train.max_steps=100000", "train.eval_every=0",
-             "train.checkpoint_every=0"]
+    extra = [
+        "--set",
+        "train.max_minutes=0.1",
+        "train.max_steps=100000",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+    ]
     rc = launch(1, train_args("semantic", run_dir, shards, "cpu", extra), run_dir + ".log")
     text = read_log(run_dir + ".log")
     assert rc == 0, text[-3000:]

@@ -52,8 +52,10 @@ def build_example(sample: dict, rng: np.random.Generator, cfg: dict) -> dict:
     d = _dim(cfg)
     ids = np.asarray(sample["semantic.npy"][:d], dtype=np.float32)
     real = ids / max(float(ids.max()), 1.0) * 2 - 1 if ids.size == d else np.zeros(d, np.float32)
-    return {"real": torch.from_numpy(real.astype(np.float32)),
-            "z": torch.from_numpy(rng.standard_normal(d).astype(np.float32))}
+    return {
+        "real": torch.from_numpy(real.astype(np.float32)),
+        "z": torch.from_numpy(rng.standard_normal(d).astype(np.float32)),
+    }
 
 
 def collate(examples: list[dict]) -> dict:
@@ -108,7 +110,18 @@ def eval_step(model, batch: dict, cfg: dict):
     return (fake.mean(0) - batch["real"].mean(0)).pow(2).mean(), {"fake_std": fake.std()}
 
 
-SPEC = register_train_spec(TrainSpec(
-    name="toy_gan", data_kind="tokens", build_model=build_model, build_example=build_example, collate=collate,
-    loss=loss, custom_step=custom_step, eval_step=eval_step, config_keys=("toy",),
-    description="toy generator + discriminator (engine tests)"), overwrite=True)
+SPEC = register_train_spec(
+    TrainSpec(
+        name="toy_gan",
+        data_kind="tokens",
+        build_model=build_model,
+        build_example=build_example,
+        collate=collate,
+        loss=loss,
+        custom_step=custom_step,
+        eval_step=eval_step,
+        config_keys=("toy",),
+        description="toy generator + discriminator (engine tests)",
+    ),
+    overwrite=True,
+)

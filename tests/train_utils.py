@@ -1,10 +1,10 @@
 """Helpers for the training tests: tiny token shards and the real `deepspeed` launcher on CPU.
 
-    make_tiny_shards(dir)            synthetic shards (learnable structure) for launch/configs/tiny/tiny.yaml
-    launch(...)                      `deepspeed --num_gpus N launch/train.py ...` (DS_ACCELERATOR=cpu, gloo,
-                                     OMP_NUM_THREADS=1, a free master port), in its own process group
-    launch_two_nodes(...)            two launcher calls with a hostfile, --no_ssh --node_rank 0|1
-    unigram_entropy(shards, stage)   entropy (nats) of a stage's target tokens in the train split
+make_tiny_shards(dir)            synthetic shards (learnable structure) for launch/configs/tiny/tiny.yaml
+launch(...)                      `deepspeed --num_gpus N launch/train.py ...` (DS_ACCELERATOR=cpu, gloo,
+                                 OMP_NUM_THREADS=1, a free master port), in its own process group
+launch_two_nodes(...)            two launcher calls with a hostfile, --no_ssh --node_rank 0|1
+unigram_entropy(shards, stage)   entropy (nats) of a stage's target tokens in the train split
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def tiny_tokens() -> dict:
 def make_tiny_shards(directory: str, *, n_train: int = 128, n_eval: int = 32, seed: int = 0) -> str:
     from musiclm.testing import make_synthetic_token_shards
 
-    make_synthetic_token_shards(directory, tiny_tokens(), n_train=n_train, n_eval=n_eval, seconds=4.0,
-                                samples_per_shard=16, seed=seed)
+    make_synthetic_token_shards(
+        directory, tiny_tokens(), n_train=n_train, n_eval=n_eval, seconds=4.0, samples_per_shard=16, seed=seed
+    )
     return directory
 
 
@@ -68,24 +69,41 @@ TORCH_EXTENSIONS_DIR = tempfile.mkdtemp(prefix="musiclm-torch-ext-")
 
 def env() -> dict:
     e = dict(os.environ)
-    e.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
-              "TORCH_EXTENSIONS_DIR": TORCH_EXTENSIONS_DIR,
-              "PYTHONPATH": ROOT + os.pathsep + e.get("PYTHONPATH", "")})
+    e.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "DS_ACCELERATOR": "cpu",
+            "PYTHONUNBUFFERED": "1",
+            "TORCH_EXTENSIONS_DIR": TORCH_EXTENSIONS_DIR,
+            "PYTHONPATH": ROOT + os.pathsep + e.get("PYTHONPATH", ""),
+        }
+    )
     return e
 
 
 def compiled_ops() -> list[str]:
     """JIT-compiled extension folders the suite's launcher runs created (should be none)."""
     out = []
-    for root, dirs, files in os.walk(TORCH_EXTENSIONS_DIR):
+    for root, _dirs, files in os.walk(TORCH_EXTENSIONS_DIR):
         out += [os.path.join(root, f) for f in files if f.endswith((".so", ".o", "build.ninja"))]
     return out
 
 
 def train_args(stage: str, run_dir: str, shards: str, ds: str = "zero2", extra: list[str] | None = None) -> list[str]:
-    return ["launch/train.py", "--stage", stage, "--config", TINY_CONFIG,
-            "--deepspeed_config", os.path.join(DS_CONFIGS, f"{ds}.json"), "--shards", shards,
-            "--run_dir", run_dir, *(extra or [])]
+    return [
+        "launch/train.py",
+        "--stage",
+        stage,
+        "--config",
+        TINY_CONFIG,
+        "--deepspeed_config",
+        os.path.join(DS_CONFIGS, f"{ds}.json"),
+        "--shards",
+        shards,
+        "--run_dir",
+        run_dir,
+        *(extra or []),
+    ]
 
 
 def start(nprocs: int, args: list[str], log_path: str, *, launcher_args: list[str] | None = None) -> subprocess.Popen:
@@ -112,8 +130,17 @@ def launch_two_nodes(args: list[str], run_dir: str, log_prefix: str, timeout: fl
     port = str(free_port())
     procs = []
     for node in (0, 1):
-        la = ["--hostfile", hostfile, "--no_ssh", "--node_rank", str(node), "--master_addr", "127.0.0.1",
-              "--master_port", port]
+        la = [
+            "--hostfile",
+            hostfile,
+            "--no_ssh",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+        ]
         procs.append(start(1, args, f"{log_prefix}.node{node}.log", launcher_args=la))
     rcs = []
     deadline = time.time() + timeout
@@ -144,7 +171,7 @@ def _live_members(pgid: int) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if fields[0] != "Z" and int(fields[2]) == pgid:
             out.append(int(name))
     return out

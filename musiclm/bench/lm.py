@@ -23,17 +23,36 @@ import torch.nn.functional as F
 
 from musiclm.lm import PRESETS, Transformer, TransformerConfig, get_stage
 
-# The default `tokens:` section of the token shards (shards/README.md) (EnCodec 75 Hz, 8 levels; 8 MuLaN tokens per namespace).
-DEFAULT_TOKENS = dict(acoustic_levels=8, acoustic_codebook=1024, acoustic_rate=75, coarse_levels=4,
-                      semantic_vocab=1024, semantic_rate=25, cond_levels=8, cond_codebook=1024)
+# The default `tokens:` section of the token shards (shards/README.md): EnCodec 75 Hz, 8 levels;
+# 8 MuLaN tokens per namespace.
+DEFAULT_TOKENS = dict(
+    acoustic_levels=8,
+    acoustic_codebook=1024,
+    acoustic_rate=75,
+    coarse_levels=4,
+    semantic_vocab=1024,
+    semantic_rate=25,
+    cond_levels=8,
+    cond_codebook=1024,
+)
 
 
 def _gpt2(n_layer, n_head, d_model, vocab_size, seq_len):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=vocab_size, n_positions=seq_len, n_embd=d_model, n_layer=n_layer,
-                     n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=seq_len,
+        n_embd=d_model,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     try:
         return GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
     except (TypeError, ValueError, AttributeError):
@@ -49,8 +68,16 @@ def _step(model, x, gpt2: bool):
     return loss.item()
 
 
-def run(preset: str = "small", seq_len: int = 512, batch_size: int = 4, steps: int = 5, warmup: int = 2,
-        threads: int | None = None, vocab_size: int | None = None, seed: int = 0) -> dict:
+def run(
+    preset: str = "small",
+    seq_len: int = 512,
+    batch_size: int = 4,
+    steps: int = 5,
+    warmup: int = 2,
+    threads: int | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Tokens/s of forward + backward for both models. vocab_size defaults to the coarse stage's
     vocabulary for the default token layout (13,376)."""
     if threads:
@@ -66,7 +93,7 @@ def run(preset: str = "small", seq_len: int = 512, batch_size: int = 4, steps: i
     times = {"ours": [], "gpt2": []}
     pair = [("ours", ours), ("gpt2", gpt2)]
     for i in range(warmup + steps):
-        for name, model in (pair if i % 2 == 0 else pair[::-1]):  # alternate who goes first
+        for name, model in pair if i % 2 == 0 else pair[::-1]:  # alternate who goes first
             t0 = time.perf_counter()
             _step(model, x, name == "gpt2")
             if i >= warmup:
@@ -75,10 +102,19 @@ def run(preset: str = "small", seq_len: int = 512, batch_size: int = 4, steps: i
     result = {
         "bench": "lm",
         "preset": preset,
-        "config": {**sizes, "vocab_size": vocab_size, "seq_len": seq_len, "batch_size": batch_size,
-                   "steps": steps, "warmup": warmup, "threads": torch.get_num_threads(),
-                   "dtype": "float32", "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-                   "gpt2_attn_implementation": attn_impl},
+        "config": {
+            **sizes,
+            "vocab_size": vocab_size,
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+            "steps": steps,
+            "warmup": warmup,
+            "threads": torch.get_num_threads(),
+            "dtype": "float32",
+            "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "gpt2_attn_implementation": attn_impl,
+        },
     }
     for name, model in (("ours", ours), ("gpt2", gpt2)):
         med = statistics.median(times[name])

@@ -22,13 +22,21 @@ import torch
 from musiclm.lm import PAPER_WINDOWS, Transformer, get_stage
 from musiclm.train.estimate import zero_estimators
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 # The paper's tokens: SoundStream 24 kHz at 50 Hz with 12 RVQ levels (4 coarse + 8 fine),
 # w2v-BERT k-means at 25 Hz with 1024 clusters, MuLaN RVQ 12 levels x 1024 per namespace.
-PAPER_TOKENS = dict(acoustic_levels=12, acoustic_codebook=1024, acoustic_rate=50, coarse_levels=4,
-                    semantic_vocab=1024, semantic_rate=25, cond_namespaces=["semantic", "coarse", "fine"],
-                    cond_levels=12, cond_codebook=1024)
+PAPER_TOKENS = dict(
+    acoustic_levels=12,
+    acoustic_codebook=1024,
+    acoustic_rate=50,
+    coarse_levels=4,
+    semantic_vocab=1024,
+    semantic_rate=25,
+    cond_namespaces=["semantic", "coarse", "fine"],
+    cond_levels=12,
+    cond_codebook=1024,
+)
 # The same with EnCodec 24 kHz (75 Hz, 6 kbps = 8 levels: 4 coarse + 4 fine).
 ENCODEC_TOKENS = dict(PAPER_TOKENS, acoustic_levels=8, acoustic_rate=75)
 
@@ -41,8 +49,12 @@ def model_sizes(stage, preset: str = "paper") -> dict:
         model = Transformer(stage.model_config(preset))
     total = model.num_params()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return {"params": total, "largest_layer_params": largest,
-            "flops_per_token": model.flops_per_token(stage.seq_len), "cfg": model.cfg}
+    return {
+        "params": total,
+        "largest_layer_params": largest,
+        "flops_per_token": model.flops_per_token(stage.seq_len),
+        "cfg": model.cfg,
+    }
 
 
 def activation_bytes(cfg, seq_len: int) -> dict:
@@ -54,47 +66,85 @@ def activation_bytes(cfg, seq_len: int) -> dict:
     return {"full": 34 * T * d * L + logits, "checkpointed": 2 * T * d * L + 34 * T * d + logits}
 
 
-def run(preset: str = "paper", gpus=(8, 64, 512), gpus_per_node: int = 8, hours: float = 280_000,
-        mfu: float = 0.4, tokens: dict | None = None, windows: dict | None = None,
-        encodec_tokens: dict | None = None) -> dict:
+def run(
+    preset: str = "paper",
+    gpus=(8, 64, 512),
+    gpus_per_node: int = 8,
+    hours: float = 280_000,
+    mfu: float = 0.4,
+    tokens: dict | None = None,
+    windows: dict | None = None,
+    encodec_tokens: dict | None = None,
+) -> dict:
     z2, z3, source = zero_estimators()
     tokens = tokens or PAPER_TOKENS
     windows = windows or PAPER_WINDOWS
     seconds = hours * 3600.0
-    result = {"bench": "scaling", "preset": preset, "estimator": source, "gpus_per_node": gpus_per_node,
-              "hours": hours, "mfu": mfu, "peak_tflops": PEAK_TFLOPS, "tokens_config": tokens,
-              "windows": windows, "stages": [], "memory": [], "compute": []}
+    result = {
+        "bench": "scaling",
+        "preset": preset,
+        "estimator": source,
+        "gpus_per_node": gpus_per_node,
+        "hours": hours,
+        "mfu": mfu,
+        "peak_tflops": PEAK_TFLOPS,
+        "tokens_config": tokens,
+        "windows": windows,
+        "stages": [],
+        "memory": [],
+        "compute": [],
+    }
     variants = [("paper (SoundStream 50 Hz, 12 levels)", tokens)]
     variants.append(("EnCodec (75 Hz, 8 levels)", encodec_tokens or ENCODEC_TOKENS))
     for name in ("semantic", "coarse", "fine"):
         stage = get_stage(name, tokens, windows[name])
         sz = model_sizes(stage, preset)
         act = activation_bytes(sz["cfg"], stage.seq_len)
-        result["stages"].append({
-            "stage": name, "vocab_size": stage.vocab_size, "seq_len": stage.seq_len,
-            "window_seconds": stage.window_seconds, "params": sz["params"],
-            "largest_layer_params": sz["largest_layer_params"],
-            "activation_gib_per_seq": act["full"] / GiB,
-            "activation_gib_per_seq_checkpointed": act["checkpointed"] / GiB,
-        })
+        result["stages"].append(
+            {
+                "stage": name,
+                "vocab_size": stage.vocab_size,
+                "seq_len": stage.seq_len,
+                "window_seconds": stage.window_seconds,
+                "params": sz["params"],
+                "largest_layer_params": sz["largest_layer_params"],
+                "activation_gib_per_seq": act["full"] / GiB,
+                "activation_gib_per_seq_checkpointed": act["checkpointed"] / GiB,
+            }
+        )
         N, big = sz["params"], sz["largest_layer_params"]
         for n in gpus:
             nodes = max(1, n // gpus_per_node)
             per_node = min(n, gpus_per_node)
             _, z2_gpu = z2(N, num_gpus_per_node=per_node, num_nodes=nodes, cpu_offload=False)
-            _, z3_gpu, _ = z3(N, big, num_gpus_per_node=per_node, num_nodes=nodes, cpu_offload=False,
-                              cpu_offload_params=False)
-            z3o_cpu, z3o_gpu, _ = z3(N, big, num_gpus_per_node=per_node, num_nodes=nodes, cpu_offload=True,
-                                     cpu_offload_params=True, zero_init=True)
+            _, z3_gpu, _ = z3(
+                N, big, num_gpus_per_node=per_node, num_nodes=nodes, cpu_offload=False, cpu_offload_params=False
+            )
+            z3o_cpu, z3o_gpu, _ = z3(
+                N,
+                big,
+                num_gpus_per_node=per_node,
+                num_nodes=nodes,
+                cpu_offload=True,
+                cpu_offload_params=True,
+                zero_init=True,
+            )
             # ZeRO-1: 16-bit params (2) and 16-bit grads (2) replicated; fp32 grads (4), fp32 master
             # params (4) and Adam moments (8) sharded -- the estimator's 18 bytes minus the 2 of the
             # 16-bit grads that ZeRO-2 shards.
             z1_gpu = 4 * N + 16 * N / n
-            result["memory"].append({
-                "stage": name, "gpus": n, "nodes": nodes,
-                "zero1_gb": z1_gpu / GiB, "zero2_gb": z2_gpu / GiB, "zero3_gb": z3_gpu / GiB,
-                "zero3_offload_gpu_gb": z3o_gpu / GiB, "zero3_offload_cpu_per_node_gb": z3o_cpu / GiB,
-            })
+            result["memory"].append(
+                {
+                    "stage": name,
+                    "gpus": n,
+                    "nodes": nodes,
+                    "zero1_gb": z1_gpu / GiB,
+                    "zero2_gb": z2_gpu / GiB,
+                    "zero3_gb": z3_gpu / GiB,
+                    "zero3_offload_gpu_gb": z3o_gpu / GiB,
+                    "zero3_offload_cpu_per_node_gb": z3o_cpu / GiB,
+                }
+            )
         for label, toks in variants:
             st = get_stage(name, toks, windows[name])
             fl = model_sizes(st, preset)["flops_per_token"]
@@ -102,10 +152,16 @@ def run(preset: str = "paper", gpus=(8, 64, 512), gpus_per_node: int = 8, hours:
             seq_tokens = windows_per_epoch * st.seq_len
             target_tokens = windows_per_epoch * st.target_length()
             flops = seq_tokens * fl
-            row = {"stage": name, "tokens": label, "seq_len": st.seq_len,
-                   "target_tokens_per_s": st.target_length() / st.window_seconds,
-                   "target_tokens": target_tokens, "sequence_tokens": seq_tokens,
-                   "flops_per_token": fl, "flops": flops}
+            row = {
+                "stage": name,
+                "tokens": label,
+                "seq_len": st.seq_len,
+                "target_tokens_per_s": st.target_length() / st.window_seconds,
+                "target_tokens": target_tokens,
+                "sequence_tokens": seq_tokens,
+                "flops_per_token": fl,
+                "flops": flops,
+            }
             for gpu, tf in PEAK_TFLOPS.items():
                 row[f"gpu_hours_{gpu}"] = flops / (mfu * tf * 1e12) / 3600.0
             result["compute"].append(row)
@@ -134,14 +190,16 @@ def render_markdown(r: dict) -> str:
         f"Tokens: semantic {t['semantic_rate']} Hz, acoustic {t['acoustic_rate']} Hz x {t['acoustic_levels']} "
         f"levels ({t['coarse_levels']} coarse), windows {w['semantic']:g} / {w['coarse']:g} / {w['fine']:g} s.",
         "",
-        "| stage | window s | vocab | seq len | params | largest layer | activations / seq (GiB, bf16) | checkpointed |",
+        "| stage | window s | vocab | seq len | params | largest layer "
+        "| activations / seq (GiB, bf16) | checkpointed |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for s in r["stages"]:
         lines.append(
             f"| {s['stage']} | {s['window_seconds']:g} | {s['vocab_size']:,} | {s['seq_len']:,} | "
             f"{s['params'] / 1e6:.1f} M | {s['largest_layer_params'] / 1e6:.1f} M | "
-            f"{s['activation_gib_per_seq']:.2f} | {s['activation_gib_per_seq_checkpointed']:.2f} |")
+            f"{s['activation_gib_per_seq']:.2f} | {s['activation_gib_per_seq_checkpointed']:.2f} |"
+        )
     lines += [
         "",
         "## Memory per GPU for model states (GiB)",
@@ -168,7 +226,8 @@ def render_markdown(r: dict) -> str:
         lines.append(
             f"| {m['stage']} | {m['gpus']} | {_fmt_gb(m['zero1_gb'])} | {_fmt_gb(m['zero2_gb'])} | "
             f"{_fmt_gb(m['zero3_gb'])} | {_fmt_gb(m['zero3_offload_gpu_gb'])} | "
-            f"{_fmt_gb(m['zero3_offload_cpu_per_node_gb'])} |")
+            f"{_fmt_gb(m['zero3_offload_cpu_per_node_gb'])} |"
+        )
     lines += [
         "",
         f"## Tokens and GPU-hours per epoch of a {r['hours']:,.0f}-hour corpus",
@@ -184,14 +243,16 @@ def render_markdown(r: dict) -> str:
         f"GPU-hours at {r['mfu']:.0%} MFU on A100 ({r['peak_tflops']['A100']:g} TFLOP/s bf16) and H100 "
         f"({r['peak_tflops']['H100']:g} TFLOP/s bf16 dense).",
         "",
-        "| stage | acoustic tokens | seq len | target tokens/s | target tokens | sequence tokens | FLOPs | A100 GPU-h | H100 GPU-h |",
+        "| stage | acoustic tokens | seq len | target tokens/s | target tokens | sequence tokens | FLOPs "
+        "| A100 GPU-h | H100 GPU-h |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in r["compute"]:
         lines.append(
             f"| {c['stage']} | {c['tokens']} | {c['seq_len']:,} | {c['target_tokens_per_s']:g} | "
             f"{_sci(c['target_tokens'])} | {_sci(c['sequence_tokens'])} | {_sci(c['flops'])} | "
-            f"{c['gpu_hours_A100']:,.0f} | {c['gpu_hours_H100']:,.0f} |")
+            f"{c['gpu_hours_A100']:,.0f} | {c['gpu_hours_H100']:,.0f} |"
+        )
     lines += [
         "",
         "The semantic stage's rows are the same for both acoustic tokenizers (it sees no acoustic tokens).",

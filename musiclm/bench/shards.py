@@ -21,12 +21,26 @@ FINGERPRINTS = {
     "acoustic": {"kind": "acoustic", "name": "bench", "frame_rate": 75, "levels": 8, "codebook_size": 1024},
     "semantic": {"kind": "semantic", "name": "bench", "frame_rate": 25, "vocab_size": 1024},
     "mulan": {"kind": "mulan", "name": "bench", "dim": 512},
-    "quantizer": {"kind": "quantizer", "name": "bench", "namespaces": ["semantic", "coarse", "fine"], "levels": 8, "codebook_size": 1024},
+    "quantizer": {
+        "kind": "quantizer",
+        "name": "bench",
+        "namespaces": ["semantic", "coarse", "fine"],
+        "levels": 8,
+        "codebook_size": 1024,
+    },
 }
 
 
-def synth_sample(i: int, rng: np.random.Generator, *, seconds: float = 10.0, levels: int = 8, acoustic_rate: int = 75,
-                 semantic_rate: int = 25, mulan_dim: int = 512) -> dict:
+def synth_sample(
+    i: int,
+    rng: np.random.Generator,
+    *,
+    seconds: float = 10.0,
+    levels: int = 8,
+    acoustic_rate: int = 75,
+    semantic_rate: int = 25,
+    mulan_dim: int = 512,
+) -> dict:
     clip, seg = divmod(i, 3)
     ta, ts = int(round(seconds * acoustic_rate)), int(round(seconds * semantic_rate))
     return {
@@ -36,8 +50,13 @@ def synth_sample(i: int, rng: np.random.Generator, *, seconds: float = 10.0, lev
         "mulan.npy": rng.standard_normal(mulan_dim).astype(np.float16),
         "cond.npy": rng.integers(0, 1024, (3, 8), dtype=np.int16),
         "json": {
-            "clip_id": f"clip{clip:06d}", "caption": "a synthetic boom bap beat with dusty drums", "source": f"bench/{clip}.wav",
-            "start": seg * seconds, "end": (seg + 1) * seconds, "sample_rate": 24000, "tags": {"bpm": 90},
+            "clip_id": f"clip{clip:06d}",
+            "caption": "a synthetic boom bap beat with dusty drums",
+            "source": f"bench/{clip}.wav",
+            "start": seg * seconds,
+            "end": (seg + 1) * seconds,
+            "sample_rate": 24000,
+            "tags": {"bpm": 90},
         },
     }
 
@@ -52,8 +71,12 @@ def _write(directory: str, samples: list[dict], shard_samples: int) -> dict:
     records = w.shards
     write_index(directory, records, kind="tokens", fingerprints=FINGERPRINTS)
     dt = time.perf_counter() - t0
-    return {"seconds": round(dt, 3), "samples_per_s": round(len(samples) / dt, 1), "shards": len(records),
-            "bytes": sum(r["bytes"] for r in records)}
+    return {
+        "seconds": round(dt, 3),
+        "samples_per_s": round(len(samples) / dt, 1),
+        "shards": len(records),
+        "bytes": sum(r["bytes"] for r in records),
+    }
 
 
 def _read(directory: str, shuffle: int, repeats: int) -> dict:
@@ -86,8 +109,16 @@ def _read(directory: str, shuffle: int, repeats: int) -> dict:
     return best
 
 
-def run(samples: int = 2000, *, shard_samples: int = 256, shuffle: int = 1000, s3: bool = True, repeats: int = 2,
-        seed: int = 0, workdir: str | None = None) -> dict:
+def run(
+    samples: int = 2000,
+    *,
+    shard_samples: int = 256,
+    shuffle: int = 1000,
+    s3: bool = True,
+    repeats: int = 2,
+    seed: int = 0,
+    workdir: str | None = None,
+) -> dict:
     """Write ``samples`` synthetic token samples to local shards (and to moto S3 when ``s3``), then
     stream them back with :func:`musiclm.data.shards.shard_reader` in this process (no DataLoader
     workers) and report samples/s and tokens/s (best of ``repeats`` passes)."""

@@ -47,12 +47,32 @@ def _demo_tokens() -> dict:
 
 
 def _launch(stage: str, procs: int, shards: str, run_dir: str, env: dict, timeout: float) -> dict:
-    cmd = [_deepspeed_bin(), "--num_gpus", str(procs), "--master_port", str(free_port()), "launch/train.py",
-           "--stage", stage, "--config", os.path.join("launch", "configs", f"{stage}.yaml"),
-           "--deepspeed_config", os.path.join("deepspeed_configs", "cpu.json"), "--run_dir", run_dir,
-           "--resume", "none", "--shards", shards,
-           "--set", "train.max_steps=1", "train.eval_every=0", "train.split_eval_every=0",
-           "train.checkpoint_every=0", "train.tensorboard=false"]
+    cmd = [
+        _deepspeed_bin(),
+        "--num_gpus",
+        str(procs),
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+        "--stage",
+        stage,
+        "--config",
+        os.path.join("launch", "configs", f"{stage}.yaml"),
+        "--deepspeed_config",
+        os.path.join("deepspeed_configs", "cpu.json"),
+        "--run_dir",
+        run_dir,
+        "--resume",
+        "none",
+        "--shards",
+        shards,
+        "--set",
+        "train.max_steps=1",
+        "train.eval_every=0",
+        "train.split_eval_every=0",
+        "train.checkpoint_every=0",
+        "train.tensorboard=false",
+    ]
     log_path = run_dir + ".log"
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     t0 = time.time()
@@ -66,8 +86,7 @@ def _launch(stage: str, procs: int, shards: str, run_dir: str, env: dict, timeou
             info = json.load(f)
         entry["launch_to_first_step_s"] = round(info["first_step_end_unix"] - t0, 2)
         entry["launcher_overhead_s"] = round(info["process_start_unix"] - t0, 2)
-        entry["engine"] = {k: round(v, 2) for k, v in info.items()
-                           if k.endswith("_s") and isinstance(v, (int, float))}
+        entry["engine"] = {k: round(v, 2) for k, v in info.items() if k.endswith("_s") and isinstance(v, (int, float))}
     else:
         with open(log_path, "rb") as f:
             entry["log_tail"] = f.read()[-3000:].decode("utf-8", "replace")
@@ -76,8 +95,15 @@ def _launch(stage: str, procs: int, shards: str, run_dir: str, env: dict, timeou
     return entry
 
 
-def run(models: list[str] | None = None, repeats: int = 3, fresh_extensions: bool = True, out_dir: str | None = None,
-        threads: int = 1, timeout: float = 600, goal_s: float = 15.0) -> dict:
+def run(
+    models: list[str] | None = None,
+    repeats: int = 3,
+    fresh_extensions: bool = True,
+    out_dir: str | None = None,
+    threads: int = 1,
+    timeout: float = 600,
+    goal_s: float = 15.0,
+) -> dict:
     """Launch-to-first-step seconds per demo model (see the module docstring)."""
     from musiclm.testing import make_synthetic_audio_shards, make_synthetic_token_shards
 
@@ -89,8 +115,9 @@ def run(models: list[str] | None = None, repeats: int = 3, fresh_extensions: boo
     os.makedirs(work, exist_ok=True)
     tokens_dir, audio_dir = os.path.join(work, "tokens"), os.path.join(work, "audio")
     if not os.path.exists(os.path.join(tokens_dir, "index.json")):
-        make_synthetic_token_shards(tokens_dir, _demo_tokens(), n_train=32, n_eval=8, seconds=10.0,
-                                    samples_per_shard=16)
+        make_synthetic_token_shards(
+            tokens_dir, _demo_tokens(), n_train=32, n_eval=8, seconds=10.0, samples_per_shard=16
+        )
     if "mulan" in wanted and not os.path.exists(os.path.join(audio_dir, "index.json")):
         make_synthetic_audio_shards(audio_dir)
 
@@ -113,7 +140,8 @@ def run(models: list[str] | None = None, repeats: int = 3, fresh_extensions: boo
         result["models"][stage] = {
             "processes": procs,
             "launch_to_first_step_s": round(statistics.median(times), 2) if times else None,
-            "all_s": times, "runs": runs,
+            "all_s": times,
+            "runs": runs,
         }
     meds = [m["launch_to_first_step_s"] for m in result["models"].values()]
     result["max_median_s"] = max(meds) if meds and None not in meds else None

@@ -76,12 +76,37 @@ def _parse_summary(text: str) -> dict | None:
     return None
 
 
-def run_job(manifest: str, config: str, out: str, workers: int, *, clips_per_shard: int = 1, batch_size: int = 4,
-            num_cpus: float | None = None, env: dict | None = None, timeout: float = 900) -> dict:
+def run_job(
+    manifest: str,
+    config: str,
+    out: str,
+    workers: int,
+    *,
+    clips_per_shard: int = 1,
+    batch_size: int = 4,
+    num_cpus: float | None = None,
+    env: dict | None = None,
+    timeout: float = 900,
+) -> dict:
     """One tokenize job as a subprocess -> its JSON summary (raises with the log tail on failure)."""
-    cmd = [sys.executable, str(JOB), "--manifest", manifest, "--config", config, "--out", out,
-           "--dataset", "bench", "--workers", str(workers), "--clips-per-shard", str(clips_per_shard),
-           "--batch-size", str(batch_size)]
+    cmd = [
+        sys.executable,
+        str(JOB),
+        "--manifest",
+        manifest,
+        "--config",
+        config,
+        "--out",
+        out,
+        "--dataset",
+        "bench",
+        "--workers",
+        str(workers),
+        "--clips-per-shard",
+        str(clips_per_shard),
+        "--batch-size",
+        str(batch_size),
+    ]
     if num_cpus:
         cmd += ["--num-cpus", str(num_cpus)]
     t0 = time.time()
@@ -121,20 +146,34 @@ def bare_scaling(config: str, corpus_dir: str, clips: int = 6, env: dict | None 
         return d["audio_seconds"] / d["seconds"]
 
     solo = parse(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=str(REPO)).stdout)
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                              cwd=str(REPO)) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=str(REPO))
+        for _ in range(2)
+    ]
     pair = sum(parse(p.communicate()[0]) for p in procs)
-    return {"one_process_audio_seconds_per_s": round(solo, 3), "two_processes_audio_seconds_per_s": round(pair, 3),
-            "machine_speedup": _ratio(pair, solo)}
+    return {
+        "one_process_audio_seconds_per_s": round(solo, 3),
+        "two_processes_audio_seconds_per_s": round(pair, 3),
+        "machine_speedup": _ratio(pair, solo),
+    }
 
 
 def _ratio(a, b):
     return round(a / b, 3) if a and b else None
 
 
-def run(clips: int = 24, seconds: float = 10.0, workers: tuple[int, ...] = (1, 2),
-        models: tuple[str, ...] = ("test", "encodec_24khz"), clips_per_shard: int = 1, batch_size: int = 4,
-        num_cpus: float | None = None, seed: int = 0, keep: str | None = None, bare_clips: int = 6) -> dict:
+def run(
+    clips: int = 24,
+    seconds: float = 10.0,
+    workers: tuple[int, ...] = (1, 2),
+    models: tuple[str, ...] = ("test", "encodec_24khz"),
+    clips_per_shard: int = 1,
+    batch_size: int = 4,
+    num_cpus: float | None = None,
+    seed: int = 0,
+    keep: str | None = None,
+    bare_clips: int = 6,
+) -> dict:
     """Benchmark the tokenize job; returns a JSON-able dict (see the module docstring)."""
     import yaml
 
@@ -151,8 +190,11 @@ def run(clips: int = 24, seconds: float = 10.0, workers: tuple[int, ...] = (1, 2
         configs = {"test": tiny}
         if "encodec_24khz" in models:
             big = json.loads(json.dumps(tiny))
-            big["acoustic"] = {"type": "encodec", "model": random_encodec_24khz(os.path.join(root, "encodec_24khz")),
-                               "bandwidth": 6.0}
+            big["acoustic"] = {
+                "type": "encodec",
+                "model": random_encodec_24khz(os.path.join(root, "encodec_24khz")),
+                "bandwidth": 6.0,
+            }
             configs["encodec_24khz"] = big
         setup_s = time.time() - t0
         env = _job_env(root)
@@ -163,11 +205,32 @@ def run(clips: int = 24, seconds: float = 10.0, workers: tuple[int, ...] = (1, 2
                 yaml.safe_dump({"segment_seconds": 10.0, "tokenizers": configs[name]}, f)
             runs = {}
             for w in workers:
-                s = run_job(manifest, cfg_path, os.path.join(root, f"shards-{name}-w{w}"), w,
-                            clips_per_shard=clips_per_shard, batch_size=batch_size, num_cpus=num_cpus, env=env)
-                runs[f"workers_{w}"] = {k: s.get(k) for k in (
-                    "workers", "audio_seconds_per_s", "steady_audio_seconds_per_s", "audio_seconds_per_s_per_worker",
-                    "elapsed_s", "total_s", "process_s", "clips_ok", "clips_failed", "segments", "audio_hours")}
+                s = run_job(
+                    manifest,
+                    cfg_path,
+                    os.path.join(root, f"shards-{name}-w{w}"),
+                    w,
+                    clips_per_shard=clips_per_shard,
+                    batch_size=batch_size,
+                    num_cpus=num_cpus,
+                    env=env,
+                )
+                runs[f"workers_{w}"] = {
+                    k: s.get(k)
+                    for k in (
+                        "workers",
+                        "audio_seconds_per_s",
+                        "steady_audio_seconds_per_s",
+                        "audio_seconds_per_s_per_worker",
+                        "elapsed_s",
+                        "total_s",
+                        "process_s",
+                        "clips_ok",
+                        "clips_failed",
+                        "segments",
+                        "audio_hours",
+                    )
+                }
             entry: dict = dict(runs)
             if 1 in workers and 2 in workers:
                 one, two = runs["workers_1"], runs["workers_2"]
@@ -182,8 +245,13 @@ def run(clips: int = 24, seconds: float = 10.0, workers: tuple[int, ...] = (1, 2
         return {
             "bench": "tokenize",
             "cpu_count": os.cpu_count(),
-            "corpus": {"clips": clips, "seconds_per_clip": seconds, "audio_hours": corpus.get("hours"),
-                       "clips_per_shard": clips_per_shard, "batch_size": batch_size},
+            "corpus": {
+                "clips": clips,
+                "seconds_per_clip": seconds,
+                "audio_hours": corpus.get("hours"),
+                "clips_per_shard": clips_per_shard,
+                "batch_size": batch_size,
+            },
             "goal_speedup": GOAL_SPEEDUP,
             "load_average": list(os.getloadavg()),
             "setup_s": round(setup_s, 3),
@@ -207,9 +275,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--keep", default=None, help="keep corpus, models and shards in this folder")
     p.add_argument("--bare-clips", type=int, default=6, help="clips per process of the no-Ray control (0: skip)")
     a = p.parse_args(argv)
-    out = run(clips=a.clips, seconds=a.seconds, workers=tuple(int(w) for w in a.workers.split(",")),
-              models=tuple(a.models.split(",")), clips_per_shard=a.clips_per_shard, batch_size=a.batch_size,
-              keep=a.keep, bare_clips=a.bare_clips)
+    out = run(
+        clips=a.clips,
+        seconds=a.seconds,
+        workers=tuple(int(w) for w in a.workers.split(",")),
+        models=tuple(a.models.split(",")),
+        clips_per_shard=a.clips_per_shard,
+        batch_size=a.batch_size,
+        keep=a.keep,
+        bare_clips=a.bare_clips,
+    )
     print(json.dumps(out, indent=1))
     return out
 

@@ -32,9 +32,15 @@ from musiclm.net import free_port
 __all__ = ["run", "DEMO_TOKENS"]
 
 DEMO_TOKENS = {
-    "acoustic_levels": 8, "acoustic_codebook": 1024, "acoustic_rate": 75, "coarse_levels": 4,
-    "semantic_vocab": 1024, "semantic_rate": 25, "cond_namespaces": ["semantic", "coarse", "fine"],
-    "cond_levels": 8, "cond_codebook": 1024,
+    "acoustic_levels": 8,
+    "acoustic_codebook": 1024,
+    "acoustic_rate": 75,
+    "coarse_levels": 4,
+    "semantic_vocab": 1024,
+    "semantic_rate": 25,
+    "cond_namespaces": ["semantic", "coarse", "fine"],
+    "cond_levels": 8,
+    "cond_codebook": 1024,
 }
 
 
@@ -56,8 +62,7 @@ def _after_warmup(recs: list[dict], key: str, how: str = "best") -> float | None
     return float(min(vals) if key.endswith("_s") and not key.endswith("per_s") else max(vals))
 
 
-def _plain_loop(cfg: dict, shards: str, micro_batch: int, steps: int, log_every: int, lr: float,
-                threads: int) -> dict:
+def _plain_loop(cfg: dict, shards: str, micro_batch: int, steps: int, log_every: int, lr: float, threads: int) -> dict:
     """The reference: the same model and batches through a plain PyTorch loop, one process."""
     import torch
 
@@ -73,9 +78,17 @@ def _plain_loop(cfg: dict, shards: str, micro_batch: int, steps: int, log_every:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     t = cfg["train"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(t["warmup_steps"], steps, t["min_lr_ratio"]))
-    stream = tdata.BatchStream(tdata.shard_urls(shards, "train"), "train", build_example=spec.build_example,
-                               collate=spec.collate, cfg=cfg, batch_size=micro_batch, seed=cfg.get("seed", 0),
-                               shuffle=cfg["data"]["shuffle"], prefetch=cfg["data"]["prefetch"])
+    stream = tdata.BatchStream(
+        tdata.shard_urls(shards, "train"),
+        "train",
+        build_example=spec.build_example,
+        collate=spec.collate,
+        cfg=cfg,
+        batch_size=micro_batch,
+        seed=cfg.get("seed", 0),
+        shuffle=cfg["data"]["shuffle"],
+        prefetch=cfg["data"]["prefetch"],
+    )
     rates, acc_t, acc_tok = [], 0.0, 0
     try:
         for step in range(1, steps + 1):
@@ -95,15 +108,29 @@ def _plain_loop(cfg: dict, shards: str, micro_batch: int, steps: int, log_every:
     finally:
         stream.close()
     rates = rates[1:] if len(rates) > 1 else rates
-    return {"tokens_per_s": float(max(rates)) if rates else None,
-            "tokens_per_s_median": float(statistics.median(rates)) if rates else None,
-            "final_loss": float(loss.detach())}
+    return {
+        "tokens_per_s": float(max(rates)) if rates else None,
+        "tokens_per_s_median": float(statistics.median(rates)) if rates else None,
+        "final_loss": float(loss.detach()),
+    }
 
 
-def run(stage: str = "coarse", preset: str = "small", zero_stages=(0, 1, 2, 3), procs=(1, 2), steps: int = 20,
-        log_every: int = 2, micro_batch: int = 2, window_seconds: float = 1.0, threads: int = 1,
-        peak_flops: float = 1.0e11, reader_seconds: float = 3.0, out_dir: str | None = None,
-        keep: bool = False, timeout: float = 600) -> dict:
+def run(
+    stage: str = "coarse",
+    preset: str = "small",
+    zero_stages=(0, 1, 2, 3),
+    procs=(1, 2),
+    steps: int = 20,
+    log_every: int = 2,
+    micro_batch: int = 2,
+    window_seconds: float = 1.0,
+    threads: int = 1,
+    peak_flops: float = 1.0e11,
+    reader_seconds: float = 3.0,
+    out_dir: str | None = None,
+    keep: bool = False,
+    timeout: float = 600,
+) -> dict:
     """Benchmark the engine against a plain loop (see the module docstring). ``threads``: torch
     threads per process (OMP_NUM_THREADS); ``peak_flops``: FLOP/s of one process for MFU."""
     import yaml
@@ -117,22 +144,38 @@ def run(stage: str = "coarse", preset: str = "small", zero_stages=(0, 1, 2, 3), 
     shards = os.path.join(work, "shards")
     lr = 1e-3
     cfg = {
-        "name": "bench", "stage": stage, "seed": 0,
+        "name": "bench",
+        "stage": stage,
+        "seed": 0,
         "data": {"shards": shards, "train_split": "train", "eval_split": "eval", "shuffle": 256, "prefetch": 4},
         "tokens": {**DEMO_TOKENS, "window_seconds": {stage: window_seconds}},
-        "model": {"preset": preset}, "cond_dropout": 0.1,
-        "train": {"max_steps": steps, "warmup_steps": max(1, steps // 10), "min_lr_ratio": 0.1,
-                  "log_every": log_every, "eval_every": 0, "checkpoint_every": 0, "keep_checkpoints": 1,
-                  "peak_flops": peak_flops, "tensorboard": False},
-        "deepspeed": {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-                      "gradient_clipping": 1.0, "bf16": {"enabled": "auto"},
-                      "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                                "weight_decay": 0.1}}},
+        "model": {"preset": preset},
+        "cond_dropout": 0.1,
+        "train": {
+            "max_steps": steps,
+            "warmup_steps": max(1, steps // 10),
+            "min_lr_ratio": 0.1,
+            "log_every": log_every,
+            "eval_every": 0,
+            "checkpoint_every": 0,
+            "keep_checkpoints": 1,
+            "peak_flops": peak_flops,
+            "tensorboard": False,
+        },
+        "deepspeed": {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": 1.0,
+            "bf16": {"enabled": "auto"},
+            "optimizer": {
+                "type": "AdamW",
+                "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1},
+            },
+        },
     }
     seconds = max(2.0 * window_seconds, 2.0)
     if not os.path.exists(os.path.join(shards, "index.json")):
-        make_synthetic_token_shards(shards, cfg["tokens"], n_train=256, n_eval=8, seconds=seconds,
-                                    samples_per_shard=32)
+        make_synthetic_token_shards(shards, cfg["tokens"], n_train=256, n_eval=8, seconds=seconds, samples_per_shard=32)
     spec = get_train_spec(stage)
     spec.configure(cfg)
     model = spec.build_model(cfg)
@@ -140,15 +183,29 @@ def run(stage: str = "coarse", preset: str = "small", zero_stages=(0, 1, 2, 3), 
 
     st = stage_for(stage, cfg)
     result: dict = {
-        "stage": stage, "preset": preset, "params": int(model.num_params()), "seq_len": st.seq_len,
-        "vocab_size": st.vocab_size, "micro_batch": micro_batch, "steps": steps, "threads_per_process": threads,
-        "flops_per_token": float(model.flops_per_token(st.seq_len)), "peak_flops_per_process": peak_flops,
+        "stage": stage,
+        "preset": preset,
+        "params": int(model.num_params()),
+        "seq_len": st.seq_len,
+        "vocab_size": st.vocab_size,
+        "micro_batch": micro_batch,
+        "steps": steps,
+        "threads_per_process": threads,
+        "flops_per_token": float(model.flops_per_token(st.seq_len)),
+        "peak_flops_per_process": peak_flops,
     }
     del model
 
     # the input pipeline alone
-    reader = tdata.reader_throughput(tdata.shard_urls(shards, "train"), "train", build_example=spec.build_example,
-                                     collate=spec.collate, cfg=cfg, batch_size=micro_batch, seconds=reader_seconds)
+    reader = tdata.reader_throughput(
+        tdata.shard_urls(shards, "train"),
+        "train",
+        build_example=spec.build_example,
+        collate=spec.collate,
+        cfg=cfg,
+        batch_size=micro_batch,
+        seconds=reader_seconds,
+    )
     result["reader"] = reader
 
     # plain PyTorch
@@ -174,8 +231,21 @@ def run(stage: str = "coarse", preset: str = "small", zero_stages=(0, 1, 2, 3), 
             cfg_path = os.path.join(work, f"{name}.yaml")
             with open(cfg_path, "w") as f:
                 yaml.safe_dump(c, f)
-            cmd = [_deepspeed_bin(), "--num_gpus", str(p), "--master_port", str(free_port()), "--module",
-                   "musiclm.train.engine", "--config", cfg_path, "--run_dir", run_dir, "--resume", "none"]
+            cmd = [
+                _deepspeed_bin(),
+                "--num_gpus",
+                str(p),
+                "--master_port",
+                str(free_port()),
+                "--module",
+                "musiclm.train.engine",
+                "--config",
+                cfg_path,
+                "--run_dir",
+                run_dir,
+                "--resume",
+                "none",
+            ]
             t0 = time.time()
             log_path = run_dir + ".log"
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -186,15 +256,17 @@ def run(stage: str = "coarse", preset: str = "small", zero_stages=(0, 1, 2, 3), 
                 from musiclm.train.monitor import read_metrics
 
                 recs = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-                entry.update({
-                    "tokens_per_s": _after_warmup(recs, "perf/tokens_per_s"),
-                    "tokens_per_s_median": _after_warmup(recs, "perf/tokens_per_s", "median"),
-                    "samples_per_s": _after_warmup(recs, "perf/samples_per_s"),
-                    "mfu": _after_warmup(recs, "perf/mfu"),
-                    "data_wait_s": _after_warmup(recs, "perf/data_wait_s"),
-                    "step_time_s": _after_warmup(recs, "perf/step_time_s"),
-                    "final_loss": next((r["train/loss"] for r in reversed(recs) if "train/loss" in r), None),
-                })
+                entry.update(
+                    {
+                        "tokens_per_s": _after_warmup(recs, "perf/tokens_per_s"),
+                        "tokens_per_s_median": _after_warmup(recs, "perf/tokens_per_s", "median"),
+                        "samples_per_s": _after_warmup(recs, "perf/samples_per_s"),
+                        "mfu": _after_warmup(recs, "perf/mfu"),
+                        "data_wait_s": _after_warmup(recs, "perf/data_wait_s"),
+                        "step_time_s": _after_warmup(recs, "perf/step_time_s"),
+                        "final_loss": next((r["train/loss"] for r in reversed(recs) if "train/loss" in r), None),
+                    }
+                )
                 if p == 1 and result["plain"]["tokens_per_s"] and entry["tokens_per_s"]:
                     entry["overhead_vs_plain"] = 1.0 - entry["tokens_per_s"] / result["plain"]["tokens_per_s"]
             else:
@@ -234,9 +306,18 @@ def main(argv=None) -> int:
     p.add_argument("--peak_flops", type=float, default=1.0e11)
     p.add_argument("--out_dir")
     a = p.parse_args(argv)
-    res = run(stage=a.stage, preset=a.preset, zero_stages=a.zero, procs=a.procs, steps=a.steps,
-              micro_batch=a.micro_batch, window_seconds=a.window_seconds, threads=a.threads,
-              peak_flops=a.peak_flops, out_dir=a.out_dir)
+    res = run(
+        stage=a.stage,
+        preset=a.preset,
+        zero_stages=a.zero,
+        procs=a.procs,
+        steps=a.steps,
+        micro_batch=a.micro_batch,
+        window_seconds=a.window_seconds,
+        threads=a.threads,
+        peak_flops=a.peak_flops,
+        out_dir=a.out_dir,
+    )
     print(json.dumps(res, indent=2))
     return 0
 

@@ -31,7 +31,8 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,9 +41,18 @@ from musiclm.logs import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["load_embedder", "load_items", "retrieval_metrics", "tempo_probe", "quantizer_report",
-           "plot_similarity",
-           "evaluate_retrieval", "add_arguments", "run_from_args", "main"]
+__all__ = [
+    "load_embedder",
+    "load_items",
+    "retrieval_metrics",
+    "tempo_probe",
+    "quantizer_report",
+    "plot_similarity",
+    "evaluate_retrieval",
+    "add_arguments",
+    "run_from_args",
+    "main",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,8 +91,7 @@ def load_embedder(spec: Any, device: str = "cpu"):
         if os.path.exists(cfg_path):
             with open(cfg_path) as f:
                 meta = json.load(f)
-            kind = "mulan" if meta.get("format") == "musiclm-mulan" or "mulan" in str(
-                meta.get("kind", "")) else "clap"
+            kind = "mulan" if meta.get("format") == "musiclm-mulan" or "mulan" in str(meta.get("kind", "")) else "clap"
     if kind == "mulan":
         from musiclm.mulan.mulan_embedder import MuLaNEmbedder
 
@@ -117,14 +126,12 @@ def _items_from_manifest(path: str, split: str | None, sample_rate: int) -> list
         if split and clip.split != split:
             continue
         try:
-            wav, _ = load_audio(clip.audio, sample_rate, start=clip.start, end=clip.end,
-                                allow_silent=True)
+            wav, _ = load_audio(clip.audio, sample_rate, start=clip.start, end=clip.end, allow_silent=True)
         except Exception as e:  # recorded, not fatal
             log.warning("retrieval: skipping %s: %s", clip.id, e)
             continue
         rec = dict(clip.extra)
-        items.append({"id": clip.id, "caption": clip.caption, "wav": wav.float(),
-                      "bpm": bpm_of(rec)})
+        items.append({"id": clip.id, "caption": clip.caption, "wav": wav.float(), "bpm": bpm_of(rec)})
     return items
 
 
@@ -133,7 +140,7 @@ def _items_from_shards(source: Any, split: str | None, sample_rate: int) -> list
     from musiclm.audio import decode_bytes
     from musiclm.data.shards import shard_reader
 
-    clips: "OrderedDict[str, dict]" = OrderedDict()
+    clips: OrderedDict[str, dict] = OrderedDict()
     for s in shard_reader(source, split or "eval", shuffle=0, rank=0, world_size=1):
         js = s.get("json") or {}
         cid = str(js.get("clip_id") or s["__key__"].split("__")[0])
@@ -142,8 +149,7 @@ def _items_from_shards(source: Any, split: str | None, sample_rate: int) -> list
         except Exception as e:
             log.warning("retrieval: skipping %s: %s", s.get("__key__"), e)
             continue
-        c = clips.setdefault(cid, {"id": cid, "caption": js.get("caption"), "parts": [],
-                                   "bpm": bpm_of(js)})
+        c = clips.setdefault(cid, {"id": cid, "caption": js.get("caption"), "parts": [], "bpm": bpm_of(js)})
         c["parts"].append((float(js.get("start") or 0.0), wav.float()))
     items = []
     for c in clips.values():
@@ -155,8 +161,9 @@ def _items_from_shards(source: Any, split: str | None, sample_rate: int) -> list
     return items
 
 
-def load_items(data: Any, split: str | None = "eval", sample_rate: int = 16000,
-               max_items: int | None = None) -> list[dict]:
+def load_items(
+    data: Any, split: str | None = "eval", sample_rate: int = 16000, max_items: int | None = None
+) -> list[dict]:
     """Eval items ``{"id", "caption", "wav" (float32 [T] at sample_rate), "bpm" (or None)}`` from
     a manifest (``.jsonl``), an audio shard directory, a shard URL or a list of shard URLs."""
     if isinstance(data, (list, tuple)) and data and isinstance(data[0], dict):
@@ -181,8 +188,7 @@ def _ranks(sim: np.ndarray) -> np.ndarray:
     return 1 + (sim > diag).sum(axis=1)
 
 
-def retrieval_metrics(text_emb: np.ndarray, audio_emb: np.ndarray,
-                      ks: Sequence[int] = (1, 5, 10)) -> dict:
+def retrieval_metrics(text_emb: np.ndarray, audio_emb: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict:
     """Recall@K, median/mean rank in both directions for paired rows of text/audio embeddings."""
     t = np.asarray(text_emb, np.float64)
     a = np.asarray(audio_emb, np.float64)
@@ -230,10 +236,15 @@ def tempo_probe(audio_emb: np.ndarray, bpm: Sequence[float], folds: int = 5, see
     mae = float(np.abs(pred - y).mean())
     ss_res = float(((pred - y) ** 2).sum())
     ss_tot = float(((y - y.mean()) ** 2).sum()) or 1.0
-    return {"n": int(n), "folds": folds, "mae_bpm": mae,
-            "baseline_mae_bpm": float(np.abs(base - y).mean()),
-            "r2": 1.0 - ss_res / ss_tot, "alphas": alphas,
-            "bpm_range": [float(y.min()), float(y.max())]}
+    return {
+        "n": int(n),
+        "folds": folds,
+        "mae_bpm": mae,
+        "baseline_mae_bpm": float(np.abs(base - y).mean()),
+        "r2": 1.0 - ss_res / ss_tot,
+        "alphas": alphas,
+        "bpm_range": [float(y.min()), float(y.max())],
+    }
 
 
 def quantizer_report(quantizer, audio_emb: np.ndarray, text_emb: np.ndarray) -> dict:
@@ -262,13 +273,13 @@ def quantizer_report(quantizer, audio_emb: np.ndarray, text_emb: np.ndarray) -> 
     out["shared_tokens"]["mean_all_levels"] = float(same.mean())
     # what chance would give at level 1: the probability two random clips share it
     perm = torch.roll(torch.arange(ca.shape[0]), 1)
-    out["shared_tokens"]["level_1_between_different_clips"] = float(
-        (ca[:, :, 0] == ct[perm][:, :, 0]).float().mean())
+    out["shared_tokens"]["level_1_between_different_clips"] = float((ca[:, :, 0] == ct[perm][:, :, 0]).float().mean())
     return out
 
 
-def _load_or_fit_quantizer(quantizer: Any, emb, data: Any, split_train: str, max_items: int | None,
-                           codebook_size: int | None):
+def _load_or_fit_quantizer(
+    quantizer: Any, emb, data: Any, split_train: str, max_items: int | None, codebook_size: int | None
+):
     from musiclm.quantize import MuLaNEmbedQuantizer
 
     if isinstance(quantizer, MuLaNEmbedQuantizer):
@@ -297,8 +308,7 @@ def plot_similarity(sim: np.ndarray, captions: Sequence[str], path: str, title: 
     im = ax.imshow(sim, cmap="viridis", aspect="auto")
     best = sim.argmax(axis=1)
     ax.scatter(best, np.arange(n), marker="x", color="red", s=14, label="best audio per text")
-    ax.scatter(np.arange(n), np.arange(n), marker="o", facecolors="none", edgecolors="white",
-               s=22, label="true pair")
+    ax.scatter(np.arange(n), np.arange(n), marker="o", facecolors="none", edgecolors="white", s=22, label="true pair")
     labels = [(c[:60] + "...") if len(c) > 63 else c for c in captions]
     ax.set_yticks(range(n))
     ax.set_yticklabels(labels, fontsize=6)
@@ -321,8 +331,9 @@ def plot_similarity(sim: np.ndarray, captions: Sequence[str], path: str, title: 
 # --------------------------------------------------------------------------------------------
 
 
-def _embed(embedder, items: list[dict], batch: int = 16,
-           with_text: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+def _embed(
+    embedder, items: list[dict], batch: int = 16, with_text: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Audio and text embeddings of the items (audio of equal length batched together)."""
     audio = [None] * len(items)
     by_len: dict[int, list[int]] = {}
@@ -330,7 +341,7 @@ def _embed(embedder, items: list[dict], batch: int = 16,
         by_len.setdefault(int(it["wav"].shape[-1]), []).append(i)
     for idx in by_len.values():
         for s in range(0, len(idx), batch):
-            chunk = idx[s: s + batch]
+            chunk = idx[s : s + batch]
             wav = torch.stack([torch.as_tensor(items[i]["wav"]).float() for i in chunk])
             emb = embedder.embed_audio(wav)
             for j, i in enumerate(chunk):
@@ -341,12 +352,22 @@ def _embed(embedder, items: list[dict], batch: int = 16,
     return np.stack(audio), text
 
 
-def evaluate_retrieval(embedder: Any, data: Any, *, split: str | None = "eval",
-                       out_dir: str | None = None, max_items: int | None = None,
-                       plot_pairs: int = 32, probe_folds: int = 5, seed: int = 0,
-                       device: str = "cpu", quantizer: Any = None, train_split: str = "train",
-                       quantizer_codebook: int | None = None,
-                       probe_splits: Sequence[str] | None = None) -> dict:
+def evaluate_retrieval(
+    embedder: Any,
+    data: Any,
+    *,
+    split: str | None = "eval",
+    out_dir: str | None = None,
+    max_items: int | None = None,
+    plot_pairs: int = 32,
+    probe_folds: int = 5,
+    seed: int = 0,
+    device: str = "cpu",
+    quantizer: Any = None,
+    train_split: str = "train",
+    quantizer_codebook: int | None = None,
+    probe_splits: Sequence[str] | None = None,
+) -> dict:
     """Retrieval metrics + tempo probe of ``embedder`` on ``data``'s ``split``.
 
     Writes ``retrieval.json`` and ``similarity.png`` (``plot_pairs`` eval pairs) to ``out_dir``
@@ -363,14 +384,15 @@ def evaluate_retrieval(embedder: Any, data: Any, *, split: str | None = "eval",
     emb = load_embedder(embedder, device=device)
     items = load_items(data, split, emb.sample_rate, max_items)
     if len(items) < 2:
-        raise ValueError(f"retrieval needs at least 2 items, got {len(items)} from {data!r} "
-                         f"split {split!r}")
+        raise ValueError(f"retrieval needs at least 2 items, got {len(items)} from {data!r} split {split!r}")
     t_load = time.perf_counter() - t0
     audio, text = _embed(emb, items)
     t_embed = time.perf_counter() - t0 - t_load
     res = retrieval_metrics(text, audio)
-    p_audio, p_bpm = [audio[i] for i, it in enumerate(items) if it.get("bpm") is not None], \
-        [it["bpm"] for it in items if it.get("bpm") is not None]
+    p_audio, p_bpm = (
+        [audio[i] for i, it in enumerate(items) if it.get("bpm") is not None],
+        [it["bpm"] for it in items if it.get("bpm") is not None],
+    )
     for other in [sp for sp in (probe_splits or []) if sp != split]:
         extra = [it for it in load_items(data, other, emb.sample_rate) if it.get("bpm") is not None]
         if extra:
@@ -383,8 +405,7 @@ def evaluate_retrieval(embedder: Any, data: Any, *, split: str | None = "eval",
     else:
         res["tempo_probe"] = {"n": 0, "error": "no bpm attribute on the eval items"}
     if quantizer is not None:
-        q, fitted_items = _load_or_fit_quantizer(quantizer, emb, data, train_split, None,
-                                                 quantizer_codebook)
+        q, fitted_items = _load_or_fit_quantizer(quantizer, emb, data, train_split, None, quantizer_codebook)
         res["quantizer"] = quantizer_report(q, audio, text)
         if fitted_items is not None:
             res["quantizer"]["fitted_on_split"] = {"split": train_split, "items": fitted_items}
@@ -395,22 +416,28 @@ def evaluate_retrieval(embedder: Any, data: Any, *, split: str | None = "eval",
         fp = emb.fingerprint()
     except Exception as e:  # pragma: no cover
         fp = {"error": str(e)}
-    res["embedder"] = {"name": getattr(emb, "name", type(emb).__name__), "dim": int(emb.dim),
-                       "sample_rate": int(emb.sample_rate),
-                       "weights_sha256": fp.get("weights_sha256"), "repr": repr(emb)}
-    res["data"] = {"source": str(data) if not isinstance(data, list) else "items",
-                   "split": split, "items": len(items)}
-    res["seconds"] = {"load": round(t_load, 2), "embed": round(t_embed, 2),
-                      "total": round(time.perf_counter() - t0, 2)}
+    res["embedder"] = {
+        "name": getattr(emb, "name", type(emb).__name__),
+        "dim": int(emb.dim),
+        "sample_rate": int(emb.sample_rate),
+        "weights_sha256": fp.get("weights_sha256"),
+        "repr": repr(emb),
+    }
+    res["data"] = {"source": str(data) if not isinstance(data, list) else "items", "split": split, "items": len(items)}
+    res["seconds"] = {"load": round(t_load, 2), "embed": round(t_embed, 2), "total": round(time.perf_counter() - t0, 2)}
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         n = min(int(plot_pairs), len(items))
         sel = np.sort(np.random.default_rng(seed).choice(len(items), n, replace=False))
         sim = text[sel] @ audio[sel].T
-        png = plot_similarity(sim, [caps[i] for i in sel], os.path.join(out_dir, "similarity.png"),
-                              title=f"{res['embedder']['name']}: text x audio similarity, "
-                                    f"{n} {split} pairs (R@10 t->a over all {len(items)}: "
-                                    f"{res['text_to_audio']['R@10']:.2f})")
+        png = plot_similarity(
+            sim,
+            [caps[i] for i in sel],
+            os.path.join(out_dir, "similarity.png"),
+            title=f"{res['embedder']['name']}: text x audio similarity, "
+            f"{n} {split} pairs (R@10 t->a over all {len(items)}: "
+            f"{res['text_to_audio']['R@10']:.2f})",
+        )
         res["similarity_png"] = png
         res["plot_items"] = [items[i]["id"] for i in sel]
         with open(os.path.join(out_dir, "retrieval.json"), "w") as f:
@@ -424,43 +451,57 @@ def evaluate_retrieval(embedder: Any, data: Any, *, split: str | None = "eval",
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--embedder", required=True,
-                   help="MuLaN directory, mulan:DIR or clap:ID_OR_DIR")
-    p.add_argument("--data", required=True,
-                   help="audio shard directory (or shard URLs) or a manifest.jsonl")
+    p.add_argument("--embedder", required=True, help="MuLaN directory, mulan:DIR or clap:ID_OR_DIR")
+    p.add_argument("--data", required=True, help="audio shard directory (or shard URLs) or a manifest.jsonl")
     p.add_argument("--split", default="eval")
     p.add_argument("--out", default=None, help="directory for retrieval.json and similarity.png")
     p.add_argument("--max-items", type=int, default=None)
     p.add_argument("--plot-pairs", type=int, default=32)
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the tempo probe")
-    p.add_argument("--probe-splits", default=None,
-                   help="comma-separated splits for the tempo probe (default: --split only)")
+    p.add_argument(
+        "--probe-splits", default=None, help="comma-separated splits for the tempo probe (default: --split only)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quantizer", default=None,
-                   help="MuLaNEmbedQuantizer directory, or 'fit' (fit on the train split's audio "
-                        "embeddings): adds reconstruction cosine and text/audio shared tokens")
+    p.add_argument(
+        "--quantizer",
+        default=None,
+        help="MuLaNEmbedQuantizer directory, or 'fit' (fit on the train split's audio "
+        "embeddings): adds reconstruction cosine and text/audio shared tokens",
+    )
     p.add_argument("--train-split", default="train", help="split the 'fit' quantizer is fitted on")
-    p.add_argument("--quantizer-codebook", type=int, default=None,
-                   help="codebook size of a fitted quantizer (default: sized to the train split, "
-                        "musiclm.quantize.auto_codebook_size: 64 for ~1,000 clips, at most 1024)")
+    p.add_argument(
+        "--quantizer-codebook",
+        type=int,
+        default=None,
+        help="codebook size of a fitted quantizer (default: sized to the train split, "
+        "musiclm.quantize.auto_codebook_size: 64 for ~1,000 clips, at most 1024)",
+    )
     return p
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    res = evaluate_retrieval(args.embedder, args.data, split=args.split, out_dir=args.out,
-                             max_items=args.max_items, plot_pairs=args.plot_pairs,
-                             probe_folds=args.folds, seed=args.seed, device=args.device,
-                             quantizer=args.quantizer, train_split=args.train_split,
-                             quantizer_codebook=args.quantizer_codebook,
-                             probe_splits=args.probe_splits.split(",") if args.probe_splits else None)
+    res = evaluate_retrieval(
+        args.embedder,
+        args.data,
+        split=args.split,
+        out_dir=args.out,
+        max_items=args.max_items,
+        plot_pairs=args.plot_pairs,
+        probe_folds=args.folds,
+        seed=args.seed,
+        device=args.device,
+        quantizer=args.quantizer,
+        train_split=args.train_split,
+        quantizer_codebook=args.quantizer_codebook,
+        probe_splits=args.probe_splits.split(",") if args.probe_splits else None,
+    )
     print(json.dumps(res, indent=2))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = add_arguments(argparse.ArgumentParser(prog="musiclm eval retrieval",
-                                              description=__doc__.splitlines()[0]))
+    p = add_arguments(argparse.ArgumentParser(prog="musiclm eval retrieval", description=__doc__.splitlines()[0]))
     return run_from_args(p.parse_args(argv))
 
 

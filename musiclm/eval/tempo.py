@@ -48,13 +48,26 @@ import math
 import os
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["novelty_curve", "tempo_from_novelty", "estimate_token_tempo", "tempo_errors", "summarize", "following_gain",
-           "load_token_items", "generate_semantic", "evaluate_tempo", "plot_tempo", "add_arguments",
-           "run_from_args", "main"]
+__all__ = [
+    "novelty_curve",
+    "tempo_from_novelty",
+    "estimate_token_tempo",
+    "tempo_errors",
+    "summarize",
+    "following_gain",
+    "load_token_items",
+    "generate_semantic",
+    "evaluate_tempo",
+    "plot_tempo",
+    "add_arguments",
+    "run_from_args",
+    "main",
+]
 
 OCTAVES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -64,8 +77,12 @@ OCTAVES = (0.25, 0.5, 1.0, 2.0, 4.0)
 # --------------------------------------------------------------------------------------------
 
 
-def novelty_curve(tokens: Sequence[int] | np.ndarray, centroids: np.ndarray | None = None,
-                  frame_rate: float = 25.0, local_seconds: float = 0.4) -> np.ndarray:
+def novelty_curve(
+    tokens: Sequence[int] | np.ndarray,
+    centroids: np.ndarray | None = None,
+    frame_rate: float = 25.0,
+    local_seconds: float = 0.4,
+) -> np.ndarray:
     """float ``[T]``: change between consecutive tokens (centroid distance, or 0/1 token change),
     minus its local mean over ``local_seconds``, half-wave rectified. ``nov[0] = 0``."""
     x = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -91,8 +108,14 @@ def _acf(env: np.ndarray) -> np.ndarray:
     return acf / (acf[0] + 1e-12)
 
 
-def tempo_from_novelty(env: np.ndarray, frame_rate: float, min_bpm: float = 60.0, max_bpm: float = 180.0,
-                       beats: Sequence[int] = (1, 2, 3, 4), max_lag_fraction: float = 0.75) -> float:
+def tempo_from_novelty(
+    env: np.ndarray,
+    frame_rate: float,
+    min_bpm: float = 60.0,
+    max_bpm: float = 180.0,
+    beats: Sequence[int] = (1, 2, 3, 4),
+    max_lag_fraction: float = 0.75,
+) -> float:
     """BPM of a novelty curve at ``frame_rate`` Hz (NaN when it is flat or too short)."""
     env = np.asarray(env, dtype=np.float64)
     n = len(env)
@@ -121,8 +144,9 @@ def tempo_from_novelty(env: np.ndarray, frame_rate: float, min_bpm: float = 60.0
     return float(best)
 
 
-def estimate_token_tempo(tokens, frame_rate: float, centroids: np.ndarray | None = None,
-                         min_bpm: float = 60.0, max_bpm: float = 180.0) -> float:
+def estimate_token_tempo(
+    tokens, frame_rate: float, centroids: np.ndarray | None = None, min_bpm: float = 60.0, max_bpm: float = 180.0
+) -> float:
     """Tempo in BPM of a semantic token sequence (see the module docstring)."""
     return tempo_from_novelty(novelty_curve(tokens, centroids, frame_rate), frame_rate, min_bpm, max_bpm)
 
@@ -146,12 +170,15 @@ def summarize(pred: Sequence[float], true: Sequence[float]) -> dict:
     p, t = pred[ok], true[ok]
     raw, folded = tempo_errors(p, t)
     r = float(np.corrcoef(p, t)[0, 1]) if len(t) > 2 and np.std(p) > 0 and np.std(t) > 0 else None
-    out.update(mae=round(float(raw.mean()), 3), median_ae=round(float(np.median(raw)), 3),
-               mae_octave_folded=round(float(folded.mean()), 3),
-               median_ae_octave_folded=round(float(np.median(folded)), 3),
-               acc4=round(float(np.mean(raw <= 0.04 * t)), 4),
-               acc4_octave_folded=round(float(np.mean(folded <= 0.04 * t)), 4),
-               pearson_r=None if r is None else round(r, 4))
+    out.update(
+        mae=round(float(raw.mean()), 3),
+        median_ae=round(float(np.median(raw)), 3),
+        mae_octave_folded=round(float(folded.mean()), 3),
+        median_ae_octave_folded=round(float(np.median(folded)), 3),
+        acc4=round(float(np.mean(raw <= 0.04 * t)), 4),
+        acc4_octave_folded=round(float(np.mean(folded <= 0.04 * t)), 4),
+        pearson_r=None if r is None else round(r, 4),
+    )
     return out
 
 
@@ -170,17 +197,32 @@ def load_token_items(shards: str, split: str) -> list[dict]:
     for s in shard_reader(shards, split, shuffle=0, rank=0, world_size=1):
         js = s.get("json") or {}
         bpm = bpm_of(js)
-        items.append({"key": s["__key__"], "semantic": np.asarray(s["semantic.npy"]).astype(np.int64),
-                      "cond": np.asarray(s["cond.npy"]).astype(np.int64), "caption": js.get("caption"),
-                      "bpm": float("nan") if bpm is None else bpm,
-                      "style": tag_of(js, "style")})
+        items.append(
+            {
+                "key": s["__key__"],
+                "semantic": np.asarray(s["semantic.npy"]).astype(np.int64),
+                "cond": np.asarray(s["cond.npy"]).astype(np.int64),
+                "caption": js.get("caption"),
+                "bpm": float("nan") if bpm is None else bpm,
+                "style": tag_of(js, "style"),
+            }
+        )
     items.sort(key=lambda it: it["key"])
     return items
 
 
-def generate_semantic(model, stage, conds: np.ndarray, n_new: int, *, cond_scale: float = 3.0,
-                      temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
-                      batch_size: int = 32) -> list[np.ndarray]:
+def generate_semantic(
+    model,
+    stage,
+    conds: np.ndarray,
+    n_new: int,
+    *,
+    cond_scale: float = 3.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> list[np.ndarray]:
     """Semantic ids ``[n_new]`` for each row of ``conds [N, K]`` (the stage's namespace codes),
     sampled with the KV cache, classifier-free guidance and the target-range logits mask."""
     import torch
@@ -190,11 +232,18 @@ def generate_semantic(model, stage, conds: np.ndarray, n_new: int, *, cond_scale
     null = stage.prefix(None)
     out = []
     for i in range(0, len(conds), batch_size):
-        prefix = torch.stack([stage.prefix(c) for c in conds[i: i + batch_size]])
+        prefix = torch.stack([stage.prefix(c) for c in conds[i : i + batch_size]])
         with torch.inference_mode():
-            ids = model.sample(prefix, n_new, temperature=temperature, top_k=top_k, cond_scale=cond_scale,
-                               logits_mask=mask, null_prefix=null[None].expand_as(prefix).contiguous(),
-                               generator=gen)
+            ids = model.sample(
+                prefix,
+                n_new,
+                temperature=temperature,
+                top_k=top_k,
+                cond_scale=cond_scale,
+                logits_mask=mask,
+                null_prefix=null[None].expand_as(prefix).contiguous(),
+                generator=gen,
+            )
         out += [stage.decode_target(row) for row in ids]
     return out
 
@@ -206,9 +255,11 @@ def _check_fingerprint(index: dict, name: str, fp: dict, what: str) -> None:
     if have is None:
         return
     if canonical_json(have.get("weights_sha256")) != canonical_json(fp.get("weights_sha256")):
-        raise ValueError(f"{what} does not match the shards' {name} fingerprint (weights_sha256 "
-                         f"{fp.get('weights_sha256')} vs {have.get('weights_sha256')}): conditioning tokens "
-                         f"would be in another code space")
+        raise ValueError(
+            f"{what} does not match the shards' {name} fingerprint (weights_sha256 "
+            f"{fp.get('weights_sha256')} vs {have.get('weights_sha256')}): conditioning tokens "
+            f"would be in another code space"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,12 +267,28 @@ def _check_fingerprint(index: dict, name: str, fp: dict, what: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate_tempo(shards: str, *, model: str | None = None, kmeans: str | None = None, mulan: str | None = None,
-                   quantizer: str | None = None, split: str = "eval", train_split: str = "train",
-                   samples: int = 1, cond_scale: float = 3.0, temperature: float = 1.0, top_k: int | None = None,
-                   seed: int = 0, batch_size: int = 32, min_bpm: float = 60.0, max_bpm: float = 180.0,
-                   max_items: int | None = None, control: bool = True, out_dir: str | None = None,
-                   label: str | None = None) -> dict:
+def evaluate_tempo(
+    shards: str,
+    *,
+    model: str | None = None,
+    kmeans: str | None = None,
+    mulan: str | None = None,
+    quantizer: str | None = None,
+    split: str = "eval",
+    train_split: str = "train",
+    samples: int = 1,
+    cond_scale: float = 3.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    min_bpm: float = 60.0,
+    max_bpm: float = 180.0,
+    max_items: int | None = None,
+    control: bool = True,
+    out_dir: str | None = None,
+    label: str | None = None,
+) -> dict:
     """The tempo-following report (see the module docstring) as a JSON-able dict."""
     from musiclm.data.shards import read_index
 
@@ -235,8 +302,10 @@ def evaluate_tempo(shards: str, *, model: str | None = None, kmeans: str | None 
 
         centroids = load_centroids(kmeans)
         if sem_fp.get("vocab_size") and int(sem_fp["vocab_size"]) != centroids.shape[0]:
-            raise ValueError(f"--kmeans has {centroids.shape[0]} centroids, the shards' semantic vocabulary is "
-                             f"{sem_fp['vocab_size']}")
+            raise ValueError(
+                f"--kmeans has {centroids.shape[0]} centroids, the shards' semantic vocabulary is "
+                f"{sem_fp['vocab_size']}"
+            )
     items = load_token_items(shards, split)
     if max_items:
         items = items[: int(max_items)]
@@ -258,10 +327,16 @@ def evaluate_tempo(shards: str, *, model: str | None = None, kmeans: str | None 
     style_mean = {k: float(np.mean(v)) for k, v in sorted(by_style.items())}
     preds["style_mean"] = {"pred": [style_mean.get(str(it["style"]), mean_bpm) for it in items], "true": bpm.tolist()}
 
-    info: dict[str, Any] = {"shards": os.path.abspath(shards), "split": split, "items": len(items),
-                            "frame_rate": rate, "novelty": "centroid distance" if centroids is not None else "token change",
-                            "bpm_range": [min_bpm, max_bpm], "train_mean_bpm": round(mean_bpm, 3),
-                            "train_style_mean_bpm": {k: round(v, 3) for k, v in style_mean.items()}}
+    info: dict[str, Any] = {
+        "shards": os.path.abspath(shards),
+        "split": split,
+        "items": len(items),
+        "frame_rate": rate,
+        "novelty": "centroid distance" if centroids is not None else "token change",
+        "bpm_range": [min_bpm, max_bpm],
+        "train_mean_bpm": round(mean_bpm, 3),
+        "train_style_mean_bpm": {k: round(v, 3) for k, v in style_mean.items()},
+    }
     if label:
         info["label"] = label
     if model:
@@ -282,8 +357,10 @@ def evaluate_tempo(shards: str, *, model: str | None = None, kmeans: str | None 
             raise ValueError(f"{model} is a {stage_name!r} stage model, not the semantic stage")
         stage = get_stage("semantic", meta.get("tokens") or {}, meta.get("window_seconds"))
         if sem_fp.get("vocab_size") and int(sem_fp["vocab_size"]) != stage.layout.semantic_vocab:
-            raise ValueError(f"the model's semantic vocabulary {stage.layout.semantic_vocab} differs from the "
-                             f"shards' {sem_fp['vocab_size']}")
+            raise ValueError(
+                f"the model's semantic vocabulary {stage.layout.semantic_vocab} differs from the "
+                f"shards' {sem_fp['vocab_size']}"
+            )
         lm = load_stage_model(model).eval()
         embedder = MuLaNEmbedder(mulan)
         quant = MuLaNEmbedQuantizer.load(quantizer)
@@ -303,24 +380,44 @@ def evaluate_tempo(shards: str, *, model: str | None = None, kmeans: str | None 
             runs.append(("generated_audio_cond", audio_conds))
         for name, cc in runs:
             pred, true = [], []
-            seqs = generate_semantic(lm, stage, np.repeat(cc, samples, axis=0), n_new, cond_scale=cond_scale,
-                                     temperature=temperature, top_k=top_k, seed=seed, batch_size=batch_size)
+            seqs = generate_semantic(
+                lm,
+                stage,
+                np.repeat(cc, samples, axis=0),
+                n_new,
+                cond_scale=cond_scale,
+                temperature=temperature,
+                top_k=top_k,
+                seed=seed,
+                batch_size=batch_size,
+            )
             for j, s in enumerate(seqs):
                 pred.append(est(s))
                 true.append(float(bpm[j // samples]))
             preds[name] = {"pred": pred, "true": true}
             if name == "generated":
                 gen_tokens = np.stack(seqs)
-        info.update(model=os.path.abspath(model), model_step=meta.get("step"), samples_per_caption=samples,
-                    cond_scale=cond_scale, temperature=temperature, top_k=top_k, seed=seed, generated_frames=n_new,
-                    text_audio_cond_token_agreement=round(float((conds == audio_conds).mean()), 4),
-                    text_audio_cond_agreement_per_level=[round(float(v), 4) for v in (conds == audio_conds).mean(0)],
-                    text_audio_cond_prefix_agreement=[round(float(np.all(conds[:, :k + 1] == audio_conds[:, :k + 1], axis=1).mean()), 4)
-                                                      for k in range(conds.shape[1])],
-                    generation_s=round(time.time() - t1, 1))
+        info.update(
+            model=os.path.abspath(model),
+            model_step=meta.get("step"),
+            samples_per_caption=samples,
+            cond_scale=cond_scale,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+            generated_frames=n_new,
+            text_audio_cond_token_agreement=round(float((conds == audio_conds).mean()), 4),
+            text_audio_cond_agreement_per_level=[round(float(v), 4) for v in (conds == audio_conds).mean(0)],
+            text_audio_cond_prefix_agreement=[
+                round(float(np.all(conds[:, : k + 1] == audio_conds[:, : k + 1], axis=1).mean()), 4)
+                for k in range(conds.shape[1])
+            ],
+            generation_s=round(time.time() - t1, 1),
+        )
         if control:
-            info["following_gain_folded_bpm"] = following_gain(preds["generated"], preds["generated_mismatched"],
-                                                               samples, seed=seed)
+            info["following_gain_folded_bpm"] = following_gain(
+                preds["generated"], preds["generated_mismatched"], samples, seed=seed
+            )
         gt = np.stack([it["semantic"][:n_new] for it in items])
         info["generated_token_stats"] = _token_stats(gen_tokens)
         info["ground_truth_token_stats"] = _token_stats(gt)
@@ -331,8 +428,14 @@ def evaluate_tempo(shards: str, *, model: str | None = None, kmeans: str | None 
         with open(os.path.join(out_dir, "tempo.json"), "w") as f:
             json.dump(result, f, indent=2)
         with open(os.path.join(out_dir, "tempo_predictions.json"), "w") as f:
-            json.dump({"keys": [it["key"] for it in items], "styles": [it["style"] for it in items],
-                       **{k: v for k, v in preds.items()}}, f)
+            json.dump(
+                {
+                    "keys": [it["key"] for it in items],
+                    "styles": [it["style"] for it in items],
+                    **{k: v for k, v in preds.items()},
+                },
+                f,
+            )
         result["plot"] = plot_tempo(preds, os.path.join(out_dir, "tempo.png"), title=label)
     return result
 
@@ -341,8 +444,10 @@ def following_gain(matched: dict, mismatched: dict, samples: int = 1, seed: int 
     """Mean over captions of (octave-folded error with a mismatched caption - with the clip's own
     caption), BPM, and a 95 % bootstrap interval over captions: > 0 = the LM follows the tempo."""
     t = np.asarray(matched["true"], dtype=np.float64)
-    d = (tempo_errors(np.asarray(mismatched["pred"], dtype=np.float64), t)[1]
-         - tempo_errors(np.asarray(matched["pred"], dtype=np.float64), t)[1])
+    d = (
+        tempo_errors(np.asarray(mismatched["pred"], dtype=np.float64), t)[1]
+        - tempo_errors(np.asarray(matched["pred"], dtype=np.float64), t)[1]
+    )
     d = d.reshape(-1, max(1, int(samples)))
     d = d[np.all(np.isfinite(d), axis=1)].mean(axis=1)
     if len(d) == 0:
@@ -350,14 +455,21 @@ def following_gain(matched: dict, mismatched: dict, samples: int = 1, seed: int 
     g = np.random.default_rng(seed)
     boots = d[g.integers(0, len(d), (n_boot, len(d)))].mean(axis=1)
     lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"mean": round(float(d.mean()), 3), "ci95": [round(float(lo), 3), round(float(hi), 3)], "captions": int(len(d))}
+    return {
+        "mean": round(float(d.mean()), 3),
+        "ci95": [round(float(lo), 3), round(float(hi), 3)],
+        "captions": int(len(d)),
+    }
 
 
 def _token_stats(tokens: np.ndarray) -> dict:
     """Distinct ids, mean run length (frames) and the rate of token changes of ``[N, T]`` ids."""
     changes = (np.diff(tokens, axis=1) != 0).mean()
-    return {"distinct_ids": int(len(np.unique(tokens))), "change_rate": round(float(changes), 4),
-            "mean_run_frames": round(float(1.0 / max(changes, 1e-9)), 2)}
+    return {
+        "distinct_ids": int(len(np.unique(tokens))),
+        "change_rate": round(float(changes), 4),
+        "mean_run_frames": round(float(1.0 / max(changes, 1e-9)), 2),
+    }
 
 
 def plot_tempo(preds: dict, path: str, title: str | None = None) -> str:
@@ -379,8 +491,10 @@ def plot_tempo(preds: dict, path: str, title: str | None = None) -> str:
         ax.set_xlim(np.nanmin(t) - 5, np.nanmax(t) + 5)
         ax.set_ylim(lo, hi)
         s = summarize(p, t)
-        ax.set_title(f"{name}\nMAE {s.get('mae', float('nan')):.1f} / folded {s.get('mae_octave_folded', float('nan')):.1f}",
-                     fontsize=8)
+        ax.set_title(
+            f"{name}\nMAE {s.get('mae', float('nan')):.1f} / folded {s.get('mae_octave_folded', float('nan')):.1f}",
+            fontsize=8,
+        )
         ax.set_xlabel("caption BPM", fontsize=8)
         ax.set_ylabel("predicted BPM", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -401,10 +515,17 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="token-shard folder (index.json with the semantic fingerprint)")
     p.add_argument("--split", default="eval")
     p.add_argument("--train-split", default="train", help="split of the mean / per-style baselines")
-    p.add_argument("--model", default=None, help="exported semantic-stage LM (musiclm export ... X.safetensors); "
-                                                 "without it only the ceiling and the baselines")
-    p.add_argument("--kmeans", default=None, help="k-means centroids of the shards' semantic tokens "
-                                                  "(novelty = centroid distance; default: token change)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="exported semantic-stage LM (musiclm export ... X.safetensors); "
+        "without it only the ceiling and the baselines",
+    )
+    p.add_argument(
+        "--kmeans",
+        default=None,
+        help="k-means centroids of the shards' semantic tokens (novelty = centroid distance; default: token change)",
+    )
     p.add_argument("--mulan", default=None, help="MuLaN directory (text embeddings of the captions)")
     p.add_argument("--quantizer", default=None, help="MuLaNEmbedQuantizer directory of the shards' cond.npy")
     p.add_argument("--samples", type=int, default=1, help="generations per caption")
@@ -416,19 +537,36 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--min-bpm", type=float, default=60.0)
     p.add_argument("--max-bpm", type=float, default=180.0)
     p.add_argument("--max-items", type=int, default=None)
-    p.add_argument("--no-control", action="store_true",
-                   help="skip the controls (mismatched captions, audio conditioning tokens)")
+    p.add_argument(
+        "--no-control", action="store_true", help="skip the controls (mismatched captions, audio conditioning tokens)"
+    )
     p.add_argument("--label", default=None, help="name of this run in the JSON and the plot title")
     p.add_argument("--out", default=None, help="directory for tempo.json, tempo_predictions.json, tempo.png")
     return p
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    res = evaluate_tempo(args.shards, model=args.model, kmeans=args.kmeans, mulan=args.mulan, quantizer=args.quantizer,
-                         split=args.split, train_split=args.train_split, samples=args.samples,
-                         cond_scale=args.cond_scale, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                         batch_size=args.batch_size, min_bpm=args.min_bpm, max_bpm=args.max_bpm,
-                         max_items=args.max_items, control=not args.no_control, out_dir=args.out, label=args.label)
+    res = evaluate_tempo(
+        args.shards,
+        model=args.model,
+        kmeans=args.kmeans,
+        mulan=args.mulan,
+        quantizer=args.quantizer,
+        split=args.split,
+        train_split=args.train_split,
+        samples=args.samples,
+        cond_scale=args.cond_scale,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        min_bpm=args.min_bpm,
+        max_bpm=args.max_bpm,
+        max_items=args.max_items,
+        control=not args.no_control,
+        out_dir=args.out,
+        label=args.label,
+    )
     print(json.dumps(res, indent=2))
     return 0
 

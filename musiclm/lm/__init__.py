@@ -17,6 +17,20 @@ from .stages import (
 )
 
 __all__ = [
-    "PRESETS", "KVCache", "Transformer", "TransformerConfig", "Stage", "TokenLayout", "get_stage",
-    "STAGES", "PAPER_WINDOWS", "DEMO_WINDOWS", "PAD", "BOS", "SEP", "EOS", "NULL_COND", "N_SPECIAL",
+    "PRESETS",
+    "KVCache",
+    "Transformer",
+    "TransformerConfig",
+    "Stage",
+    "TokenLayout",
+    "get_stage",
+    "STAGES",
+    "PAPER_WINDOWS",
+    "DEMO_WINDOWS",
+    "PAD",
+    "BOS",
+    "SEP",
+    "EOS",
+    "NULL_COND",
+    "N_SPECIAL",
 ]

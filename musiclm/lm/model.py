@@ -12,7 +12,8 @@ Written nanoGPT-style, to be read top to bottom:
 - GPT-2 weight init (N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)), tied or
   untied input/output embeddings,
 - dtype aware: whatever dtype the parameters have (fp32, bf16, fp16) is the compute dtype; rotary
-  rotations are applied in fp32 from an fp32 table that model.to(dtype) never rounds, sampling works on fp32 logits, the stage loss upcasts logits.
+  rotations are applied in fp32 from an fp32 table that model.to(dtype) never rounds, sampling works
+  on fp32 logits, the stage loss upcasts logits.
 
 A stage is only a sequence layout (``musiclm.lm.stages``); the model knows nothing about audio.
 """
@@ -62,13 +63,13 @@ class TransformerConfig:
         return self.d_model // self.n_head
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "TransformerConfig":
+    def from_preset(cls, name: str, **overrides) -> TransformerConfig:
         if name not in PRESETS:
             raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TransformerConfig":
+    def from_dict(cls, d: dict) -> TransformerConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

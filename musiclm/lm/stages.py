@@ -80,7 +80,7 @@ class TokenLayout:
             raise ValueError(f"coarse_levels={self.coarse_levels} must be in 1..acoustic_levels-1")
 
     @classmethod
-    def from_config(cls, tokens: "dict | TokenLayout | None") -> "TokenLayout":
+    def from_config(cls, tokens: dict | TokenLayout | None) -> TokenLayout:
         """From a config ``tokens:`` dict (its ``window_seconds`` belong to the stages); any other
         unknown key is refused with the closest valid name, as ``TransformerConfig`` does."""
         from musiclm.config import check_keys
@@ -168,8 +168,7 @@ class Stage:
         self.seq_len = self._lengths(self.window_steps)[2]
 
     def __repr__(self):
-        return (f"Stage({self.name!r}, window={self.window_seconds}s, vocab={self.vocab_size}, "
-                f"seq_len={self.seq_len})")
+        return f"Stage({self.name!r}, window={self.window_seconds}s, vocab={self.vocab_size}, seq_len={self.seq_len})"
 
     # -- offsets -------------------------------------------------------------------------------
 
@@ -249,14 +248,14 @@ class Stage:
             start_step, steps = 0, n_avail
         out = {"semantic": None, "acoustic": None}
         if self.uses_semantic:
-            out["semantic"] = sem[start_step * fs:(start_step + steps) * fs]
+            out["semantic"] = sem[start_step * fs : (start_step + steps) * fs]
         if self.uses_acoustic:
             if ac.shape[0] < lay.acoustic_levels:
                 raise ValueError(f"acoustic.npy has {ac.shape[0]} levels, the layout needs {lay.acoustic_levels}")
-            out["acoustic"] = ac[:lay.acoustic_levels, start_step * fa:(start_step + steps) * fa]
+            out["acoustic"] = ac[: lay.acoustic_levels, start_step * fa : (start_step + steps) * fa]
         cond = np.asarray(sample["cond.npy"]).astype(np.int64)
         cond = cond.reshape(1, -1) if cond.ndim == 1 else cond
-        out["cond"] = cond[self.namespace_index, :lay.cond_levels]
+        out["cond"] = cond[self.namespace_index, : lay.cond_levels]
         if out["cond"].shape[0] != lay.cond_levels:
             raise ValueError(f"cond.npy has {out['cond'].shape[0]} tokens, the layout needs {lay.cond_levels}")
         out["start_seconds"] = float(start_step * lay.grid)
@@ -307,10 +306,10 @@ class Stage:
             target = self.semantic_ids(semantic)
         elif self.name == "coarse":
             parts += [self.semantic_ids(semantic), np.array([SEP])]
-            target = self.acoustic_ids(acoustic[:lay.coarse_levels], self.target_levels)
+            target = self.acoustic_ids(acoustic[: lay.coarse_levels], self.target_levels)
         else:
-            parts += [self.acoustic_ids(acoustic[:lay.coarse_levels], range(lay.coarse_levels)), np.array([SEP])]
-            target = self.acoustic_ids(acoustic[lay.coarse_levels:lay.acoustic_levels], self.target_levels)
+            parts += [self.acoustic_ids(acoustic[: lay.coarse_levels], range(lay.coarse_levels)), np.array([SEP])]
+            target = self.acoustic_ids(acoustic[lay.coarse_levels : lay.acoustic_levels], self.target_levels)
         prefix = np.concatenate(parts).astype(np.int64)
         return np.concatenate([prefix, target]), len(prefix)
 
@@ -325,12 +324,12 @@ class Stage:
         tokens = np.full(self.seq_len, PAD, dtype=np.int64)
         tokens[:n] = seq
         loss_mask = np.zeros(self.seq_len, dtype=bool)
-        loss_mask[t0 - 1:n - 1] = True  # position i predicts token i+1, a target token
+        loss_mask[t0 - 1 : n - 1] = True  # position i predicts token i+1, a target token
         level = np.full(self.seq_len, -1, dtype=np.int64)
         if self.target_levels:
             n_t = n - t0
             nl = len(self.target_levels)
-            level[t0 - 1:n - 1] = np.array(self.target_levels)[np.arange(n_t) % nl]
+            level[t0 - 1 : n - 1] = np.array(self.target_levels)[np.arange(n_t) % nl]
         return {
             "tokens": torch.from_numpy(tokens),
             "loss_mask": torch.from_numpy(loss_mask),
@@ -355,8 +354,11 @@ class Stage:
         n = tgt.numel()
         if n == 0:
             zero = logits.sum() * 0.0
-            return zero, {"loss": zero.detach().float(), "accuracy": zero.detach().float(),
-                          "tokens": torch.zeros((), device=logits.device)}
+            return zero, {
+                "loss": zero.detach().float(),
+                "accuracy": zero.detach().float(),
+                "tokens": torch.zeros((), device=logits.device),
+            }
         per_tok = F.cross_entropy(lg, tgt, reduction="none")
         loss = per_tok.mean()
         with torch.no_grad():
@@ -398,7 +400,7 @@ class Stage:
         m = torch.zeros(n, self.vocab_size, dtype=torch.bool, device=device)
         for t in range(min(n, max(1, len(self.target_levels)))):
             a, b = self.target_range(t)
-            m[t::max(1, len(self.target_levels)), a:b] = True
+            m[t :: max(1, len(self.target_levels)), a:b] = True
         return m
 
     def decode_target(self, ids) -> np.ndarray:
@@ -427,8 +429,11 @@ class Stage:
         if self.uses_semantic:
             out["semantic"] = {"frame_rate": lay.semantic_rate, "vocab_size": lay.semantic_vocab}
         if self.uses_acoustic:
-            out["acoustic"] = {"frame_rate": lay.acoustic_rate, "levels": lay.acoustic_levels,
-                               "codebook_size": lay.acoustic_codebook}
+            out["acoustic"] = {
+                "frame_rate": lay.acoustic_rate,
+                "levels": lay.acoustic_levels,
+                "codebook_size": lay.acoustic_codebook,
+            }
         return out
 
     def model_config(self, preset: str = "small", **overrides) -> TransformerConfig:
@@ -439,16 +444,21 @@ class Stage:
 
     def describe(self) -> dict:
         return {
-            "name": self.name, "window_seconds": self.window_seconds, "vocab_size": self.vocab_size,
-            "used_vocab": self.used_vocab, "seq_len": self.seq_len, "ranges": dict(self.ranges),
+            "name": self.name,
+            "window_seconds": self.window_seconds,
+            "vocab_size": self.vocab_size,
+            "used_vocab": self.used_vocab,
+            "seq_len": self.seq_len,
+            "ranges": dict(self.ranges),
             "semantic_frames": self.semantic_frames if self.uses_semantic else 0,
             "acoustic_frames": self.acoustic_frames if self.uses_acoustic else 0,
             "target_levels": list(self.target_levels),
         }
 
 
-def get_stage(name: str, tokens: "dict | TokenLayout | None" = None, window_seconds: float | None = None,
-              vocab_multiple: int = 64) -> Stage:
+def get_stage(
+    name: str, tokens: dict | TokenLayout | None = None, window_seconds: float | None = None, vocab_multiple: int = 64
+) -> Stage:
     """The stage ``name`` for a ``tokens:`` config. Window: ``window_seconds``, else
     ``tokens["window_seconds"][name]`` when the config carries it, else the paper's (30 / 10 / 3 s)."""
     if window_seconds is None:

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..quantize import MuLaNEmbedQuantizer, ResidualVQ
 from ..registry import Registry

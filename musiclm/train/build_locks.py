@@ -21,7 +21,8 @@ MIN_AGE_S = 60.0
 def extensions_root() -> str:
     """Where torch puts JIT builds: $TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions."""
     return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "torch_extensions")
+        os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "torch_extensions"
+    )
 
 
 def _processes_using(folder: str) -> list[int]:
@@ -49,7 +50,9 @@ def clear_stale_build_locks(root: str | None = None, *, min_age_s: float = MIN_A
     the command to remove it, and left in place."""
     root = root or extensions_root()
     removed = []
-    for lock in sorted(set(glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")))):
+    for lock in sorted(
+        set(glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")))
+    ):
         try:
             age = time.time() - os.path.getmtime(lock)
         except OSError:
@@ -59,8 +62,10 @@ def clear_stale_build_locks(root: str | None = None, *, min_age_s: float = MIN_A
         folder = os.path.dirname(lock)
         if not os.path.isdir("/proc"):
             if age > 3600:
-                log(f"a JIT build lock is {age / 60:.0f} min old: {lock}; if no build is running, "
-                    f"remove it (`rm {lock}`), or the next build of this op waits forever")
+                log(
+                    f"a JIT build lock is {age / 60:.0f} min old: {lock}; if no build is running, "
+                    f"remove it (`rm {lock}`), or the next build of this op waits forever"
+                )
             continue
         users = _processes_using(folder)
         if users:
@@ -70,6 +75,8 @@ def clear_stale_build_locks(root: str | None = None, *, min_age_s: float = MIN_A
         except FileNotFoundError:
             continue
         removed.append(lock)
-        log(f"removed a stale JIT build lock left by a killed compile ({age / 60:.1f} min old, "
-            f"no process building in {folder}): {lock}")
+        log(
+            f"removed a stale JIT build lock left by a killed compile ({age / 60:.1f} min old, "
+            f"no process building in {folder}): {lock}"
+        )
     return removed

@@ -73,9 +73,23 @@ UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 
 MAIN_ENGINE = "model"
 
 __all__ = [
-    "tag_for_step", "complete_checkpoints", "newest_checkpoint", "read_state", "ResumePlan", "plan_resume",
-    "save_checkpoint", "ensure_universal", "rng_state", "set_rng_state", "remove_partials", "write_atomic",
-    "write_manifest", "verify_checkpoint", "enforce_weights_only", "CheckpointRejected", "DiskFull",
+    "tag_for_step",
+    "complete_checkpoints",
+    "newest_checkpoint",
+    "read_state",
+    "ResumePlan",
+    "plan_resume",
+    "save_checkpoint",
+    "ensure_universal",
+    "rng_state",
+    "set_rng_state",
+    "remove_partials",
+    "write_atomic",
+    "write_manifest",
+    "verify_checkpoint",
+    "enforce_weights_only",
+    "CheckpointRejected",
+    "DiskFull",
 ]
 
 
@@ -89,7 +103,6 @@ class DiskFull(OSError):
     def __init__(self, msg: str):
         super().__init__(msg)
         self.errno = errno.ENOSPC
-
 
 
 def tag_for_step(step: int) -> str:
@@ -264,8 +277,10 @@ def verify_checkpoint(folder: str, *, ignore=None) -> str | None:
         if manifest.get("algorithm", "sha256") != "sha256" or not isinstance(files, dict):
             return f"{MANIFEST} is not a sha256 manifest"
     except FileNotFoundError:
-        return (f"no {MANIFEST} (not written completely, or by a version before manifests; "
-                f"musiclm.train.checkpoint.write_manifest adopts a checkpoint you trust)")
+        return (
+            f"no {MANIFEST} (not written completely, or by a version before manifests; "
+            f"musiclm.train.checkpoint.write_manifest adopts a checkpoint you trust)"
+        )
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} unreadable: {type(e).__name__}: {e}"
     root = os.path.realpath(folder)
@@ -282,8 +297,9 @@ def verify_checkpoint(folder: str, *, ignore=None) -> str | None:
             return f"{rel} is not a regular file"
         if st.st_size != int(want["size"]):
             return f"{rel} has {st.st_size} bytes, the manifest says {int(want['size'])} (truncated or changed)"
-    extra = [rel for rel in _walk_files(folder)
-             if rel != MANIFEST and rel not in files and not (ignore and ignore(rel))]
+    extra = [
+        rel for rel in _walk_files(folder) if rel != MANIFEST and rel not in files and not (ignore and ignore(rel))
+    ]
     if extra:
         return f"{extra[0]} is not in the manifest" + (f" (and {len(extra) - 1} more files)" if len(extra) > 1 else "")
     for rel, want in files.items():
@@ -338,9 +354,11 @@ def enforce_weights_only() -> None:
 
 
 # run a module (the DeepSpeed converter) with weights-only loads: python -c _SAFE_RUN MODULE ARGS...
-_SAFE_RUN = ("import runpy, sys; from musiclm.train.checkpoint import enforce_weights_only; "
-             "enforce_weights_only(); mod = sys.argv.pop(1); sys.argv[0] = mod; "
-             "runpy.run_module(mod, run_name='__main__', alter_sys=True)")
+_SAFE_RUN = (
+    "import runpy, sys; from musiclm.train.checkpoint import enforce_weights_only; "
+    "enforce_weights_only(); mod = sys.argv.pop(1); sys.argv[0] = mod; "
+    "runpy.run_module(mod, run_name='__main__', alter_sys=True)"
+)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -384,14 +402,16 @@ def plan_resume(ckpt_root: str, resume: str | None, world_size: int, log=_log) -
             tag_dir = os.path.join(ckpt_root, tag)
             state, reason = _check(tag_dir)
             if state is not None:
-                return ResumePlan(tag=tag, tag_dir=tag_dir, state=state,
-                                  universal=int(state["world_size"]) != int(world_size))
+                return ResumePlan(
+                    tag=tag, tag_dir=tag_dir, state=state, universal=int(state["world_size"]) != int(world_size)
+                )
             log(f"skipping checkpoint {tag_dir}: {reason}")
             rejected.append(f"{tag}: {reason}")
         if rejected:
             raise CheckpointRejected(
                 f"no checkpoint in {ckpt_root} passes its manifest check ({'; '.join(rejected)}); "
-                "move them away to start over, or resume one you trust explicitly after fixing it")
+                "move them away to start over, or resume one you trust explicitly after fixing it"
+            )
         return ResumePlan()
     tag_dir = resume if os.path.isdir(resume) else os.path.join(ckpt_root, resume)
     tag = os.path.basename(os.path.normpath(tag_dir))
@@ -416,9 +436,20 @@ def ensure_universal(tag_dir: str, engine_name: str = MAIN_ENGINE, log=print) ->
     tmp = os.path.join(tag_dir, f"{PARTIAL}{out_name}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-c", _SAFE_RUN, "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-           os.path.join(tag_dir, engine_name), "--output_folder", tmp, "--num_extract_workers", "1",
-           "--num_merge_workers", "1"]
+    cmd = [
+        sys.executable,
+        "-c",
+        _SAFE_RUN,
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        os.path.join(tag_dir, engine_name),
+        "--output_folder",
+        tmp,
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+    ]
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
     log(f"converting {os.path.join(tag_dir, engine_name)} to a universal checkpoint (world size changed)")
@@ -499,8 +530,14 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-_WRITE_FAILED = ("iostream error", "file write failed", "unexpected pos", "PytorchStreamWriter",
-                 "No space left", "Disk quota")
+_WRITE_FAILED = (
+    "iostream error",
+    "file write failed",
+    "unexpected pos",
+    "PytorchStreamWriter",
+    "No space left",
+    "Disk quota",
+)
 
 
 def _disk_full(e: BaseException, path: str) -> bool:
@@ -524,14 +561,24 @@ def _save_failed(e: BaseException, tag: str, ckpt_root: str, partial: str, full:
             f"{'disk quota exceeded' if quota else 'no space left on device'} while writing checkpoint {tag} "
             f"to {ckpt_root} (file system {_mount_point(ckpt_root)}, {_mb(free or 0)} free after removing "
             f"the partial checkpoint): nothing of {tag} was kept, earlier checkpoints are untouched. "
-            f"Free space there or use --run_dir on a larger disk, then resume. ({type(e).__name__}: {e})")
+            f"Free space there or use --run_dir on a larger disk, then resume. ({type(e).__name__}: {e})"
+        )
     if isinstance(e, (OSError, RuntimeError)):
         e.add_note(f"while writing checkpoint {tag} to {partial} (removed; earlier checkpoints are untouched)")
     return e
 
 
-def save_checkpoint(engines: dict, ckpt_root: str, step: int, trainer_state: dict, *, rank: int,
-                    barrier, keep: int | None = None, log=print) -> str:
+def save_checkpoint(
+    engines: dict,
+    ckpt_root: str,
+    step: int,
+    trainer_state: dict,
+    *,
+    rank: int,
+    barrier,
+    keep: int | None = None,
+    log=print,
+) -> str:
     """Save every engine plus our state; collective (every rank calls it). Returns the tag.
 
     ``engines``: {name: DeepSpeedEngine}, the main one under "model". ``trainer_state`` is written
@@ -549,7 +596,8 @@ def save_checkpoint(engines: dict, ckpt_root: str, step: int, trainer_state: dic
             f"no space left on device for checkpoint {tag} in {ckpt_root} (file system "
             f"{_mount_point(ckpt_root)}): it needs about {_mb(need)}, {_mb(free or 0)} free"
             f"{'' if short else ' here and less where another rank writes'}; nothing was written, earlier "
-            f"checkpoints are untouched. Free space there or use --run_dir on a larger disk, then resume.")
+            f"checkpoints are untouched. Free space there or use --run_dir on a larger disk, then resume."
+        )
     try:
         if rank == 0:
             os.makedirs(ckpt_root, exist_ok=True)
@@ -570,8 +618,15 @@ def save_checkpoint(engines: dict, ckpt_root: str, step: int, trainer_state: dic
     if rank == 0:
         try:
             st = dict(trainer_state)
-            st.update({"complete": True, "tag": tag, "step": int(step), "engines": list(engines),
-                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            st.update(
+                {
+                    "complete": True,
+                    "tag": tag,
+                    "step": int(step),
+                    "engines": list(engines),
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+            )
             write_atomic(os.path.join(partial, STATE_FILE), json.dumps(st, indent=1, default=_json_default))
             write_manifest(partial)  # last: the checkpoint is exactly these files
             storage.publish_dir(partial, final)  # re-saving a step (e.g. stopped right after a resume) replaces it

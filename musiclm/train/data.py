@@ -18,11 +18,12 @@ training length is set by steps. A background thread builds batches ahead of the
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -31,7 +32,16 @@ from musiclm.data import shards as _shards
 from musiclm.data import storage
 
 __all__ = [
-    "as_list", "shard_urls", "checked_shard_urls", "ShardIntegrityError", "SampleError", "check_shard_fingerprints", "resolve_shard_dirs", "BatchStream", "eval_batches", "sample_rng",
+    "as_list",
+    "shard_urls",
+    "checked_shard_urls",
+    "ShardIntegrityError",
+    "SampleError",
+    "check_shard_fingerprints",
+    "resolve_shard_dirs",
+    "BatchStream",
+    "eval_batches",
+    "sample_rng",
     "reader_throughput",
 ]
 
@@ -57,9 +67,11 @@ class ShardIntegrityError(ValueError):
 
     def __init__(self, shard: str, index: str, reason: str):
         self.shard, self.index, self.reason = shard, index, reason
-        super().__init__(f"{shard}: {reason} ({index}); the shard folder is incomplete or damaged: "
-                         f"re-run the tokenize job into it (it redoes only what is missing), or set "
-                         f"data.on_bad_shard: skip to train on the rest (skipped shards are logged)")
+        super().__init__(
+            f"{shard}: {reason} ({index}); the shard folder is incomplete or damaged: "
+            f"re-run the tokenize job into it (it redoes only what is missing), or set "
+            f"data.on_bad_shard: skip to train on the rest (skipped shards are logged)"
+        )
 
 
 def checked_shard_urls(dirs, split: str, *, on_bad: str = "error") -> tuple[list[str], list[dict]]:
@@ -101,8 +113,9 @@ def build_checked(build_example, sample: dict, rng, cfg: dict):
     try:
         return build_example(sample, rng, cfg)
     except Exception as e:
-        raise SampleError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}: "
-                          f"{type(e).__name__}: {e}") from e
+        raise SampleError(
+            f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}: {type(e).__name__}: {e}"
+        ) from e
 
 
 class FingerprintHashMismatch(_shards.FingerprintMismatch):
@@ -111,9 +124,11 @@ class FingerprintHashMismatch(_shards.FingerprintMismatch):
     def __init__(self, where: str, expected: str, found: str, tokenizers: list[str]):
         self.tokenizer, self.field, self.expected, self.found = "all", "fingerprint_hash", expected, found
         ValueError.__init__(
-            self, f"{where}: fingerprint_hash of the shards' tokenizers ({', '.join(tokenizers)}) is {found}, "
-                  f"the config pins fingerprint_hash {expected}: these shards were made with other tokenizers; "
-                  f"re-tokenize or point the config at matching shards")
+            self,
+            f"{where}: fingerprint_hash of the shards' tokenizers ({', '.join(tokenizers)}) is {found}, "
+            f"the config pins fingerprint_hash {expected}: these shards were made with other tokenizers; "
+            f"re-tokenize or point the config at matching shards",
+        )
 
 
 class ResumeOnOtherTokens(_shards.FingerprintMismatch):
@@ -122,9 +137,11 @@ class ResumeOnOtherTokens(_shards.FingerprintMismatch):
     def __init__(self, checkpoint: str, trained_on: str, shards: str):
         self.tokenizer, self.field, self.expected, self.found = "all", "fingerprint_hash", trained_on, shards
         ValueError.__init__(
-            self, f"{checkpoint}: this checkpoint was trained on shards whose tokenizer fingerprint_hash is "
-                  f"{trained_on}; the shards now configured hash to {shards} (the tokenizers changed: other "
-                  f"vocabulary, codebooks or weights). Start a new run (another --run_dir) instead of resuming")
+            self,
+            f"{checkpoint}: this checkpoint was trained on shards whose tokenizer fingerprint_hash is "
+            f"{trained_on}; the shards now configured hash to {shards} (the tokenizers changed: other "
+            f"vocabulary, codebooks or weights). Start a new run (another --run_dir) instead of resuming",
+        )
 
 
 class NoMatchingShards(_shards.FingerprintMismatch):
@@ -133,8 +150,11 @@ class NoMatchingShards(_shards.FingerprintMismatch):
     def __init__(self, pattern: str, errors: list):
         self.tokenizer, self.field, self.expected, self.found = "all", None, pattern, None
         self.errors = errors
-        ValueError.__init__(self, f"no shard folder matching {pattern} was made by the config's tokenizers:\n"
-                            + "\n".join(f"  - {e}" for e in errors))
+        ValueError.__init__(
+            self,
+            f"no shard folder matching {pattern} was made by the config's tokenizers:\n"
+            + "\n".join(f"  - {e}" for e in errors),
+        )
 
 
 def check_shard_fingerprints(dirs, expected: dict | None, expected_hash: str | None = None) -> list[dict]:
@@ -185,8 +205,10 @@ def resolve_shard_dirs(dirs, expected: dict | None, expected_hash: str | None = 
                     raise errors[0]
                 raise NoMatchingShards(d, errors)
             if len(good) > 1:
-                raise ValueError(f"{len(good)} shard folders match {d} and the config's tokens: "
-                                 f"{[g[0] for g in good]}; set fingerprint_hash or name one folder")
+                raise ValueError(
+                    f"{len(good)} shard folders match {d} and the config's tokens: "
+                    f"{[g[0] for g in good]}; set fingerprint_hash or name one folder"
+                )
             out.append(good[0][0])
             indexes.append(good[0][1])
         else:
@@ -203,13 +225,27 @@ def sample_rng(seed: int, epoch: int, key: str, salt: int = 0) -> np.random.Gene
 def _raw_stream(urls, split, *, seed, epoch, rank, world_size, shuffle):
     """(index in this rank's epoch stream, sample) for one epoch. shard_reader splits shards by
     rank (or samples, when there are fewer shards than ranks) and shuffles with (seed, epoch)."""
-    it = _shards.shard_reader(urls, split, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
-                              world_size=world_size, repeat=False)
+    it = _shards.shard_reader(
+        urls, split, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size, repeat=False
+    )
     yield from enumerate(it)
 
 
-def _epoch_batches(urls, split, *, build_example, collate, cfg, batch_size, rank, world_size, seed, shuffle,
-                   start: dict | None, stop: threading.Event | None = None) -> Iterator[tuple[dict, dict]]:
+def _epoch_batches(
+    urls,
+    split,
+    *,
+    build_example,
+    collate,
+    cfg,
+    batch_size,
+    rank,
+    world_size,
+    seed,
+    shuffle,
+    start: dict | None,
+    stop: threading.Event | None = None,
+) -> Iterator[tuple[dict, dict]]:
     """(batch, position after it) forever, epoch after epoch, from ``start`` = {"epoch", "offset"}.
 
     Inside a DataLoader worker, shard_reader also splits by worker (reader = rank * workers + worker)."""
@@ -217,8 +253,9 @@ def _epoch_batches(urls, split, *, build_example, collate, cfg, batch_size, rank
     epoch, skip = int(start.get("epoch", 0)), int(start.get("offset", 0))
     while stop is None or not stop.is_set():
         buf, n = [], 0
-        for i, sample in _raw_stream(urls, split, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                                     shuffle=shuffle):
+        for i, sample in _raw_stream(
+            urls, split, seed=seed, epoch=epoch, rank=rank, world_size=world_size, shuffle=shuffle
+        ):
             n = i + 1
             if i < skip:
                 continue  # resume: read (not built) up to the saved position
@@ -264,15 +301,38 @@ class BatchStream:
     of stream positions (one per worker, or one) of the batches consumed so far, each with the
     worker whose batch comes next (``"next"``); ``position`` restores it."""
 
-    def __init__(self, urls: list[str], split: str, *, build_example, collate, cfg: dict, batch_size: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: int = 1000,
-                 position: "dict | list[dict] | None" = None, prefetch: int = 4, num_workers: int = 0):
+    def __init__(
+        self,
+        urls: list[str],
+        split: str,
+        *,
+        build_example,
+        collate,
+        cfg: dict,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: int = 1000,
+        position: dict | list[dict] | None = None,
+        prefetch: int = 4,
+        num_workers: int = 0,
+    ):
         if not urls:
             raise FileNotFoundError(f"no complete shards for split {split!r}")
         self.split, self.num_workers, self.prefetch = split, int(num_workers), int(prefetch)
-        self.kwargs = dict(urls=list(urls), split=split, build_example=build_example, collate=collate, cfg=cfg,
-                           batch_size=int(batch_size), rank=int(rank), world_size=int(world_size), seed=int(seed),
-                           shuffle=int(shuffle))
+        self.kwargs = dict(
+            urls=list(urls),
+            split=split,
+            build_example=build_example,
+            collate=collate,
+            cfg=cfg,
+            batch_size=int(batch_size),
+            rank=int(rank),
+            world_size=int(world_size),
+            seed=int(seed),
+            shuffle=int(shuffle),
+        )
         n = max(1, self.num_workers)
         if isinstance(position, dict):
             position = [position]
@@ -310,9 +370,13 @@ class BatchStream:
     def _start(self):
         if self.num_workers > 0:
             loader = torch.utils.data.DataLoader(
-                _IterableWrapper(_WorkerBatches(self.kwargs, self._starts)), batch_size=None,
-                num_workers=self.num_workers, prefetch_factor=max(1, self.prefetch), persistent_workers=False,
-                worker_init_fn=_worker_init)
+                _IterableWrapper(_WorkerBatches(self.kwargs, self._starts)),
+                batch_size=None,
+                num_workers=self.num_workers,
+                prefetch_factor=max(1, self.prefetch),
+                persistent_workers=False,
+                worker_init_fn=_worker_init,
+            )
             self._it = iter(loader)
         elif self.prefetch > 0:
             self._queue = queue.Queue(maxsize=self.prefetch)
@@ -385,8 +449,19 @@ class _IterableWrapper(torch.utils.data.IterableDataset):
         return iter(self.body)
 
 
-def eval_batches(urls: list[str], split: str, *, build_example, collate, cfg: dict, batch_size: int,
-                 n_batches: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> Iterator[dict]:
+def eval_batches(
+    urls: list[str],
+    split: str,
+    *,
+    build_example,
+    collate,
+    cfg: dict,
+    batch_size: int,
+    n_batches: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+) -> Iterator[dict]:
     """The same held-out batches at every evaluation: every rank reads the split in order (no
     shuffle), batch g of the (cycled) sequence of the split's batches goes to rank g % world_size.
     Yields exactly ``n_batches`` batches per rank (none when the split is empty), so every rank
@@ -396,8 +471,7 @@ def eval_batches(urls: list[str], split: str, *, build_example, collate, cfg: di
     produced, g = 0, 0
     while True:
         buf, full = [], 0
-        reader = _shards.shard_reader(urls, split, shuffle=0, seed=seed, epoch=0, rank=0, world_size=1,
-                                      repeat=False)
+        reader = _shards.shard_reader(urls, split, shuffle=0, seed=seed, epoch=0, rank=0, world_size=1, repeat=False)
         for i, sample in enumerate(reader):
             ex = build_checked(build_example, sample, sample_rng(seed, 0, sample.get("__key__", i), salt=1), cfg)
             if ex is None:
@@ -422,9 +496,19 @@ def eval_batches(urls: list[str], split: str, *, build_example, collate, cfg: di
             g += 1
 
 
-def split_batches(urls: list[str], split: str, *, build_example, collate, cfg: dict, batch_size: int,
-                  rank: int = 0, world_size: int = 1, seed: int = 0,
-                  max_samples: int | None = None) -> Iterator[tuple[dict, bool]]:
+def split_batches(
+    urls: list[str],
+    split: str,
+    *,
+    build_example,
+    collate,
+    cfg: dict,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    max_samples: int | None = None,
+) -> Iterator[tuple[dict, bool]]:
     """One pass over (the first ``max_samples`` samples of) a split, for metrics that need the
     whole split at once (e.g. retrieval over every eval clip).
 
@@ -453,11 +537,10 @@ def split_batches(urls: list[str], split: str, *, build_example, collate, cfg: d
             mine[-1].append((i, sample))
     if n == 0:
         return
-    per_rank = -(-(-(-n // batch_size)) // world_size)  # ceil(ceil(n / bs) / world)
+    per_rank = math.ceil(math.ceil(n / batch_size) / world_size)
 
     def build(group):
-        exs = [build_checked(build_example, s, sample_rng(seed, 0, s.get("__key__", i), salt=1), cfg)
-               for i, s in group]
+        exs = [build_checked(build_example, s, sample_rng(seed, 0, s.get("__key__", i), salt=1), cfg) for i, s in group]
         exs = [e for e in exs if e is not None]
         return collate(exs) if exs else None
 
@@ -474,13 +557,23 @@ def split_batches(urls: list[str], split: str, *, build_example, collate, cfg: d
         yield stand_in, False
 
 
-def reader_throughput(urls: list[str], split: str, *, build_example, collate, cfg: dict, batch_size: int,
-                      seconds: float = 5.0, seed: int = 0) -> dict:
+def reader_throughput(
+    urls: list[str],
+    split: str,
+    *,
+    build_example,
+    collate,
+    cfg: dict,
+    batch_size: int,
+    seconds: float = 5.0,
+    seed: int = 0,
+) -> dict:
     """Samples/s of the input pipeline alone (read + decode + build + collate), one rank."""
     import time
 
-    stream = BatchStream(urls, split, build_example=build_example, collate=collate, cfg=cfg,
-                         batch_size=batch_size, seed=seed, prefetch=0)
+    stream = BatchStream(
+        urls, split, build_example=build_example, collate=collate, cfg=cfg, batch_size=batch_size, seed=seed, prefetch=0
+    )
     n, t0 = 0, time.perf_counter()
     for _batch, _pos in stream:
         n += batch_size

@@ -93,6 +93,7 @@ def import_spec_modules(names: list[str] | None) -> None:
 @dataclass
 class StepResult:
     """What one optimizer step (all micro batches of this rank) produced."""
+
     loss: float
     metrics: dict[str, float]
     tokens: int
@@ -107,9 +108,18 @@ class StepResult:
 class Trainer:
     """Runs one stage. ``Trainer(spec, cfg, ds_config, run_dir=...).run()`` -> exit code."""
 
-    def __init__(self, spec: TrainSpec | str, cfg: dict, ds_config: dict | str | None, *, run_dir: str | None = None,
-                 resume: str = "auto", stop_after: int | None = None, log_prefix: str = "[musiclm.train]",
-                 config_path: str | None = None):
+    def __init__(
+        self,
+        spec: TrainSpec | str,
+        cfg: dict,
+        ds_config: dict | str | None,
+        *,
+        run_dir: str | None = None,
+        resume: str = "auto",
+        stop_after: int | None = None,
+        log_prefix: str = "[musiclm.train]",
+        config_path: str | None = None,
+    ):
         self.cfg = copy.deepcopy(cfg)
         import_spec_modules(self.cfg.get("imports"))
         self.spec = get_train_spec(spec) if isinstance(spec, str) else spec
@@ -142,8 +152,12 @@ class Trainer:
 
     def log(self, msg: str, all_ranks: bool = False) -> None:
         if all_ranks or self.rank == 0:
-            print(f"{self.log_prefix} {msg}" if self.world_size == 1 or not all_ranks
-                  else f"{self.log_prefix}[rank {self.rank}] {msg}", flush=True)
+            print(
+                f"{self.log_prefix} {msg}"
+                if self.world_size == 1 or not all_ranks
+                else f"{self.log_prefix}[rank {self.rank}] {msg}",
+                flush=True,
+            )
 
     def log_all(self, msg: str) -> None:
         self.log(msg, all_ranks=True)
@@ -152,8 +166,10 @@ class Trainer:
         if self._signal is None:
             self._signal = signum
             try:
-                sys.stderr.write(f"{self.log_prefix}[rank {self.rank}] got {signal.Signals(signum).name}: "
-                                 "will checkpoint at the next step boundary and exit\n")
+                sys.stderr.write(
+                    f"{self.log_prefix}[rank {self.rank}] got {signal.Signals(signum).name}: "
+                    "will checkpoint at the next step boundary and exit\n"
+                )
             except Exception:
                 pass
 
@@ -176,8 +192,9 @@ class Trainer:
         return int(value)
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                for k, v in batch.items()}
+        return {
+            k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+        }
 
     # -- engines -------------------------------------------------------------------------------
 
@@ -196,8 +213,13 @@ class Trainer:
             return None, ds_config
         p = dict(sec.get("params") or {})
         cls = torch.optim.AdamW if p.pop("adam_w_mode", True) or kind == "adamw" else torch.optim.Adam
-        opt = cls(params, lr=float(p.get("lr", 1e-3)), betas=tuple(p.get("betas", (0.9, 0.999))),
-                  eps=float(p.get("eps", 1e-8)), weight_decay=float(p.get("weight_decay", 0.0)))
+        opt = cls(
+            params,
+            lr=float(p.get("lr", 1e-3)),
+            betas=tuple(p.get("betas", (0.9, 0.999))),
+            eps=float(p.get("eps", 1e-8)),
+            weight_decay=float(p.get("weight_decay", 0.0)),
+        )
         conf = {k: v for k, v in ds_config.items() if k != "optimizer"}
         conf["zero_allow_untested_optimizer"] = True
         return opt, conf
@@ -247,9 +269,15 @@ class Trainer:
         from deepspeed.accelerator import get_accelerator
 
         if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:  # plain `python train.py`
-            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                               "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                               "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
+            os.environ.update(
+                {
+                    "RANK": "0",
+                    "WORLD_SIZE": "1",
+                    "LOCAL_RANK": "0",
+                    "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                    "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port())),
+                }
+            )
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if self.local_rank == 0:  # a killed compile's lock would make any JIT build hang silently
             clear_stale_build_locks(log=self.log_all)
@@ -304,8 +332,11 @@ class Trainer:
             plan = ckpt.plan_resume(self.ckpt_root, "auto", self.world_size) if self.rank == 0 else None
             chosen = self._broadcast_int(plan.step if plan is not None and plan.tag else -1)
             if self.rank != 0:
-                plan = (ckpt.plan_resume(self.ckpt_root, ckpt.tag_for_step(chosen), self.world_size)
-                        if chosen >= 0 else ckpt.ResumePlan())
+                plan = (
+                    ckpt.plan_resume(self.ckpt_root, ckpt.tag_for_step(chosen), self.world_size)
+                    if chosen >= 0
+                    else ckpt.ResumePlan()
+                )
         else:  # "none" or an explicit checkpoint folder/tag
             plan = ckpt.plan_resume(self.ckpt_root, self.resume, self.world_size)
         old = (plan.state or {}).get("fingerprint_hash") if plan.tag else None
@@ -330,8 +361,9 @@ class Trainer:
         np.random.seed(self.seed % 2**32)
         model = self.spec.build_model(self.cfg)
         self.n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        self.flops_per_token = (self.spec.flops_per_token(model, self.cfg) if self.spec.flops_per_token
-                                else 6.0 * self.n_params)
+        self.flops_per_token = (
+            self.spec.flops_per_token(model, self.cfg) if self.spec.flops_per_token else 6.0 * self.n_params
+        )
         self.timings["build_model"] = time.time() - t
         t = time.time()
         self.engine = self._initialize(model, self.ds_config)
@@ -350,8 +382,12 @@ class Trainer:
         plan, positions = self.plan, None
         if plan.tag:
             load_path, _client = self.engine.load_checkpoint(
-                plan.tag_dir, tag=self.load_tag, load_module_strict=True, load_optimizer_states=True,
-                load_lr_scheduler_states=True)
+                plan.tag_dir,
+                tag=self.load_tag,
+                load_module_strict=True,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {plan.tag_dir}/{self.load_tag}")
             self.step = plan.step
@@ -364,9 +400,14 @@ class Trainer:
             self.samples_seen = int(plan.state.get("samples_seen", 0))
             self.tokens_seen = int(plan.state.get("tokens_seen", 0))
             self.elapsed_before = float(plan.state.get("elapsed_s", 0.0))
-            self.log(f"resumed from {plan.tag_dir} at step {self.step}"
-                     + (f" (world size {plan.state['world_size']} -> {self.world_size}, universal checkpoint)"
-                        if plan.universal else ""))
+            self.log(
+                f"resumed from {plan.tag_dir} at step {self.step}"
+                + (
+                    f" (world size {plan.state['world_size']} -> {self.world_size}, universal checkpoint)"
+                    if plan.universal
+                    else ""
+                )
+            )
         pos = self._start_position(positions)
         self.timings["load_checkpoint"] = time.time() - t
         return pos
@@ -385,17 +426,31 @@ class Trainer:
         if not self.train_urls:
             raise tdata.ShardIntegrityError(str(dirs), "index.json", f"no usable {self.data.train_split!r} shards")
         self.stream = tdata.BatchStream(
-            self.train_urls, self.data.train_split, build_example=self.spec.build_example,
-            collate=self.spec.collate, cfg=self.cfg, batch_size=self.micro, rank=self.rank,
-            world_size=self.world_size, seed=self.seed, shuffle=self.data.shuffle, position=positions,
-            prefetch=self.data.prefetch, num_workers=self.data.num_workers)
+            self.train_urls,
+            self.data.train_split,
+            build_example=self.spec.build_example,
+            collate=self.spec.collate,
+            cfg=self.cfg,
+            batch_size=self.micro,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            shuffle=self.data.shuffle,
+            position=positions,
+            prefetch=self.data.prefetch,
+            num_workers=self.data.num_workers,
+        )
         self.eval_cfg = copy.deepcopy(self.cfg)
         self.eval_cfg["cond_dropout"] = 0.0
 
     def _start_monitor(self, indexes: list[dict]) -> None:
         plan = self.plan
-        self.monitor = Monitor(self.run_dir, enabled=self.rank == 0, resume_step=self.step if plan.tag else None,
-                               tensorboard=self.train.tensorboard)
+        self.monitor = Monitor(
+            self.run_dir,
+            enabled=self.rank == 0,
+            resume_step=self.step if plan.tag else None,
+            tensorboard=self.train.tensorboard,
+        )
         resolved = {**self.cfg, "train": asdict(self.train), "data": asdict(self.data)}  # every default shown
         text = dump_config(resolved)
         if self.rank == 0:
@@ -407,10 +462,12 @@ class Trainer:
         self.fingerprint_hash = indexes[0].get("fingerprint_hash") if indexes else None
         self.peak_flops = device_peak_flops(self.device, self.train.peak_flops)
         self.log("config (resolved; saved as config.yaml):\n" + text.rstrip())
-        self.log(f"stage {self.spec.name}: {self.n_params / 1e6:.2f}M params, world {self.world_size}, "
-                 f"ZeRO-{self.zero_stage}, micro batch {self.micro} x grad accum {self.gas}, "
-                 f"bf16 {self.engine.bfloat16_enabled()}, optimizer {_optimizer_name(self.engine)}, "
-                 f"{len(self.train_urls)} train / {len(self.eval_urls)} eval shards, run dir {self.run_dir}")
+        self.log(
+            f"stage {self.spec.name}: {self.n_params / 1e6:.2f}M params, world {self.world_size}, "
+            f"ZeRO-{self.zero_stage}, micro batch {self.micro} x grad accum {self.gas}, "
+            f"bf16 {self.engine.bfloat16_enabled()}, optimizer {_optimizer_name(self.engine)}, "
+            f"{len(self.train_urls)} train / {len(self.eval_urls)} eval shards, run dir {self.run_dir}"
+        )
         self.monitor.text("config", "```\n" + text + "\n```", self.step)
         if self.bad_shards:
             self.monitor.log(self.step, {"data/bad_shards": len(self.bad_shards)})
@@ -425,8 +482,11 @@ class Trainer:
         self._build_data(positions)
         self._start_monitor(indexes)
         self.timings["process_to_train"] = time.time() - _PROCESS_START
-        self.log("setup " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items() if k != "process_to_train")
-                 + f"; process start to training {self.timings['process_to_train']:.1f}s")
+        self.log(
+            "setup "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items() if k != "process_to_train")
+            + f"; process start to training {self.timings['process_to_train']:.1f}s"
+        )
 
     # -- main ----------------------------------------------------------------------------------
 
@@ -466,10 +526,14 @@ class Trainer:
                 if split_every and self.step % split_every == 0 and self.eval_urls:
                     self._split_eval()
                     last_split_eval = self.step
-                stop_reason = stop_flags or ("stop_after" if self.stop_after is not None
-                                             and self.step >= self.stop_after else None)
-                if (stop_reason or self.step == self.max_steps
-                        or (self.train.checkpoint_every and self.step % self.train.checkpoint_every == 0)):
+                stop_reason = stop_flags or (
+                    "stop_after" if self.stop_after is not None and self.step >= self.stop_after else None
+                )
+                if (
+                    stop_reason
+                    or self.step == self.max_steps
+                    or (self.train.checkpoint_every and self.step % self.train.checkpoint_every == 0)
+                ):
                     self.checkpoint(self.step)
                     self.monitor.flush()
                 if stop_reason:
@@ -487,9 +551,10 @@ class Trainer:
                 pbar.close()
             self.monitor.close(png=True)
         self.barrier()
-        self.log(f"done: step {self.step}/{self.max_steps}, training {time.time() - self.t_train:.1f}s, "
-                 f"start-up {self.timings['process_to_train']:.1f}s"
-                 + (f" (stopped: {stop_reason})" if stop_reason else ""))
+        self.log(
+            f"done: step {self.step}/{self.max_steps}, training {time.time() - self.t_train:.1f}s, "
+            f"start-up {self.timings['process_to_train']:.1f}s" + (f" (stopped: {stop_reason})" if stop_reason else "")
+        )
         torch.distributed.destroy_process_group()
         return 0
 
@@ -499,8 +564,14 @@ class Trainer:
         try:
             from tqdm import tqdm
 
-            return tqdm(total=self.max_steps, initial=self.step, desc=self.spec.name, dynamic_ncols=True,
-                        mininterval=1.0 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+            return tqdm(
+                total=self.max_steps,
+                initial=self.step,
+                desc=self.spec.name,
+                dynamic_ncols=True,
+                mininterval=1.0 if sys.stderr.isatty() else 10.0,
+                file=sys.stderr,
+            )
         except Exception:
             return None
 
@@ -519,8 +590,13 @@ class Trainer:
             tw = time.perf_counter()
             batch, _pos = next(self.stream)
             wait += time.perf_counter() - tw
-            n_tok += (self.spec.count_tokens(batch) if self.spec.count_tokens
-                      else int(batch["tokens"].numel()) if "tokens" in batch else self.micro)
+            n_tok += (
+                self.spec.count_tokens(batch)
+                if self.spec.count_tokens
+                else int(batch["tokens"].numel())
+                if "tokens" in batch
+                else self.micro
+            )
             n_smp += self.micro
             batch = self._to_device(batch)
             if self.spec.custom_step is not None:
@@ -532,8 +608,13 @@ class Trainer:
                     manual_norm = _grad_norm(engine)  # DeepSpeed keeps none without ZeRO
                 engine.step()
             losses.append(float(loss.detach().float()))
-            mets.append({k: float(v.detach().float()) if isinstance(v, torch.Tensor) else float(v)
-                         for k, v in (metrics or {}).items() if k not in ("loss", "tokens")})
+            mets.append(
+                {
+                    k: float(v.detach().float()) if isinstance(v, torch.Tensor) else float(v)
+                    for k, v in (metrics or {}).items()
+                    if k not in ("loss", "tokens")
+                }
+            )
         grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
         grad_norm = grad_norm if grad_norm is not None else manual_norm
         keys = sorted(mets[0])
@@ -548,22 +629,33 @@ class Trainer:
             extra[f"lr/{name}"] = _lr_of_last_step(eng)
             g = eng.get_global_grad_norm() if hasattr(eng, "get_global_grad_norm") else None
             extra[f"grad_norm/{name}"] = float(g) if g is not None else float("nan")
-        return StepResult(loss=sum(losses) / len(losses), metrics=metrics, tokens=n_tok, samples=n_smp,
-                          data_wait_s=wait, time_s=time.perf_counter() - t0,
-                          grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=lr, extra=extra)
+        return StepResult(
+            loss=sum(losses) / len(losses),
+            metrics=metrics,
+            tokens=n_tok,
+            samples=n_smp,
+            data_wait_s=wait,
+            time_s=time.perf_counter() - t0,
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            lr=lr,
+            extra=extra,
+        )
 
     def log_step(self, r: StepResult, pbar) -> str | None:
         """Reduce the step's metrics and stop flags over the ranks, log them on rank 0 -> the stop
         reason every rank agrees on ("signal", "max_minutes") or None."""
         if not hasattr(self, "metric_keys"):
             self.metric_keys = sorted(r.metrics)
-        timed_out = (self.train.max_minutes is not None and self.rank == 0
-                     and (time.time() - self.t_train) / 60.0 >= self.train.max_minutes)
+        timed_out = (
+            self.train.max_minutes is not None
+            and self.rank == 0
+            and (time.time() - self.t_train) / 60.0 >= self.train.max_minutes
+        )
         local = [r.loss] + [r.metrics.get(k, float("nan")) for k in self.metric_keys]
         flags = [float(r.tokens), float(r.samples), 1.0 if self._signal is not None else 0.0, 1.0 if timed_out else 0.0]
         red = self._all_reduce(torch.tensor(local + flags, dtype=torch.float64))
-        values = (red[:len(local)] / self.world_size).tolist()
-        g_tok, g_smp, sig_flag, time_flag = red[len(local):].tolist()
+        values = (red[: len(local)] / self.world_size).tolist()
+        g_tok, g_smp, sig_flag, time_flag = red[len(local) :].tolist()
         self.tokens_seen += int(g_tok)
         self.samples_seen += int(g_smp)
         p = self.perf
@@ -578,16 +670,20 @@ class Trainer:
             every = self.train.log_every
             if self.step % every == 0 or self.step == self.max_steps:
                 tps = p["tokens"] / p["time"] if p["time"] > 0 else 0.0
-                rec.update({
-                    "perf/tokens_per_s": tps,
-                    "perf/samples_per_s": p["samples"] / p["time"] if p["time"] > 0 else 0.0,
-                    "perf/step_time_s": p["time"] / every,
-                    "perf/data_wait_s": p["wait"] / every,
-                    "perf/peak_memory_gb": peak_memory_gb(self.device),
-                    "perf/mfu": (self.flops_per_token * tps / (self.peak_flops * self.world_size))
-                    if self.peak_flops else None,
-                    "progress/tokens_seen": self.tokens_seen, "progress/samples_seen": self.samples_seen,
-                })
+                rec.update(
+                    {
+                        "perf/tokens_per_s": tps,
+                        "perf/samples_per_s": p["samples"] / p["time"] if p["time"] > 0 else 0.0,
+                        "perf/step_time_s": p["time"] / every,
+                        "perf/data_wait_s": p["wait"] / every,
+                        "perf/peak_memory_gb": peak_memory_gb(self.device),
+                        "perf/mfu": (self.flops_per_token * tps / (self.peak_flops * self.world_size))
+                        if self.peak_flops
+                        else None,
+                        "progress/tokens_seen": self.tokens_seen,
+                        "progress/samples_seen": self.samples_seen,
+                    }
+                )
                 self.perf = {"time": 0.0, "wait": 0.0, "tokens": 0.0, "samples": 0.0}
             self.monitor.log(self.step, rec)
             if pbar is not None:
@@ -610,9 +706,17 @@ class Trainer:
             return
         self.monitor.log(self.step, rec)
         with open(os.path.join(self.run_dir, "startup.json"), "w") as f:
-            json.dump({**{k.split("/", 1)[1]: v for k, v in rec.items()}, "first_step_end_unix": now,
-                       "process_start_unix": _PROCESS_START, "step": self.step, "world_size": self.world_size},
-                      f, indent=1)
+            json.dump(
+                {
+                    **{k.split("/", 1)[1]: v for k, v in rec.items()},
+                    "first_step_end_unix": now,
+                    "process_start_unix": _PROCESS_START,
+                    "step": self.step,
+                    "world_size": self.world_size,
+                },
+                f,
+                indent=1,
+            )
 
     # -- checkpoint ----------------------------------------------------------------------------
 
@@ -620,16 +724,29 @@ class Trainer:
         """Every engine, the data positions of every rank, RNG and progress, published atomically."""
         all_pos = self._gather_positions(self.stream.state())
         state = {
-            "spec": self.spec.name, "world_size": self.world_size, "zero_stage": self.zero_stage,
+            "spec": self.spec.name,
+            "world_size": self.world_size,
+            "zero_stage": self.zero_stage,
             "data": {"world_size": self.world_size, "positions": all_pos},
-            "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
             "elapsed_s": self.elapsed_before + (time.time() - self.t_train),
-            "config": self.cfg, "ds_config": self.ds_config,
-            "fingerprints": self.fingerprints, "fingerprint_hash": self.fingerprint_hash,
+            "config": self.cfg,
+            "ds_config": self.ds_config,
+            "fingerprints": self.fingerprints,
+            "fingerprint_hash": self.fingerprint_hash,
             "model_config": self.spec.model_config(self.cfg) if self.spec.model_config else None,
         }
-        ckpt.save_checkpoint(self.engines, self.ckpt_root, step, state, rank=self.rank, barrier=self.barrier,
-                             keep=self.train.keep_checkpoints, log=self.log)
+        ckpt.save_checkpoint(
+            self.engines,
+            self.ckpt_root,
+            step,
+            state,
+            rank=self.rank,
+            barrier=self.barrier,
+            keep=self.train.keep_checkpoints,
+            log=self.log,
+        )
         self.last_saved = step
 
     # -- data position -------------------------------------------------------------------------
@@ -643,8 +760,11 @@ class Trainer:
             return [{"epoch": 0, "offset": 0} for _ in range(n)]
         poss = saved.get("positions") or []
         flat = [p for r in poss for p in (r if isinstance(r, list) else [r])]
-        if (int(saved.get("world_size", -1)) == self.world_size and len(poss) == self.world_size
-                and all(len(r if isinstance(r, list) else [r]) == n for r in poss)):
+        if (
+            int(saved.get("world_size", -1)) == self.world_size
+            and len(poss) == self.world_size
+            and all(len(r if isinstance(r, list) else [r]) == n for r in poss)
+        ):
             mine = poss[self.rank]
             return [dict(p) for p in (mine if isinstance(mine, list) else [mine])]
         emax = max(int(p["epoch"]) for p in flat)
@@ -664,10 +784,18 @@ class Trainer:
     # -- eval ----------------------------------------------------------------------------------
 
     def _eval_batches(self, n_batches: int, *, rank: int | None = None, world_size: int | None = None):
-        return tdata.eval_batches(self.eval_urls, self.data.eval_split, build_example=self.spec.build_example,
-                                  collate=self.spec.collate, cfg=self.eval_cfg, batch_size=self.micro,
-                                  n_batches=n_batches, rank=self.rank if rank is None else rank,
-                                  world_size=self.world_size if world_size is None else world_size, seed=self.seed)
+        return tdata.eval_batches(
+            self.eval_urls,
+            self.data.eval_split,
+            build_example=self.spec.build_example,
+            collate=self.spec.collate,
+            cfg=self.eval_cfg,
+            batch_size=self.micro,
+            n_batches=n_batches,
+            rank=self.rank if rank is None else rank,
+            world_size=self.world_size if world_size is None else world_size,
+            seed=self.seed,
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -682,8 +810,13 @@ class Trainer:
             for batch in self._eval_batches(self.train.eval_batches):
                 loss, metrics = step_fn(engine, self._to_device(batch), self.eval_cfg)
                 vals = {"loss": float(loss.float())}
-                vals.update({k: float(v.float()) if isinstance(v, torch.Tensor) else float(v)
-                             for k, v in (metrics or {}).items() if k not in ("loss", "tokens")})
+                vals.update(
+                    {
+                        k: float(v.float()) if isinstance(v, torch.Tensor) else float(v)
+                        for k, v in (metrics or {}).items()
+                        if k not in ("loss", "tokens")
+                    }
+                )
                 for k, v in vals.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -709,10 +842,20 @@ class Trainer:
         engine.eval()
         rows: list[tuple[int, dict]] = []  # (global batch number, outputs)
         try:
-            for j, (batch, real) in enumerate(tdata.split_batches(
-                    self.eval_urls, self.data.eval_split, build_example=self.spec.build_example,
-                    collate=self.spec.collate, cfg=self.eval_cfg, batch_size=self.micro, rank=self.rank,
-                    world_size=self.world_size, seed=self.seed, max_samples=self.train.split_eval_samples)):
+            for j, (batch, real) in enumerate(
+                tdata.split_batches(
+                    self.eval_urls,
+                    self.data.eval_split,
+                    build_example=self.spec.build_example,
+                    collate=self.spec.collate,
+                    cfg=self.eval_cfg,
+                    batch_size=self.micro,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    seed=self.seed,
+                    max_samples=self.train.split_eval_samples,
+                )
+            ):
                 out = self.spec.eval_outputs(engine, self._to_device(batch), self.eval_cfg)
                 if real:
                     rows.append((j * self.world_size + self.rank, {k: _cpu_rows(v) for k, v in out.items()}))
@@ -747,8 +890,10 @@ class Trainer:
         if self.rank == 0:
             from safetensors.torch import save_file
 
-            save_file({"tokens": batch["tokens"].contiguous(), "logits": logits.float().cpu().contiguous()},
-                      os.path.join(self.run_dir, "probe_logits.safetensors"))
+            save_file(
+                {"tokens": batch["tokens"].contiguous(), "logits": logits.float().cpu().contiguous()},
+                os.path.join(self.run_dir, "probe_logits.safetensors"),
+            )
 
 
 def _lr_of_last_step(engine) -> float:
@@ -781,8 +926,11 @@ def _unlink_shm_buffer(rank: int) -> None:
     it: every CPU run leaked RAM until the machine ran out (15 GB after a day of runs here). Once
     all ranks have mapped each other's segments (the barrier after init), the names are not needed:
     unlinking ours frees the memory when the process exits, however it exits (SIGKILL too)."""
-    path = os.path.join("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_"
-                        f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}")
+    path = os.path.join(
+        "/dev/shm",
+        f"deepspeed_allreduce_buffer_{os.getuid()}_"
+        f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}",
+    )
     try:
         os.unlink(path)
     except (FileNotFoundError, PermissionError, NotADirectoryError):
@@ -805,8 +953,9 @@ def build_arg_parser():
     p = argparse.ArgumentParser(description="Train one MusicLM stage with DeepSpeed (run under the deepspeed launcher)")
     p.add_argument("--stage", help="registered TrainSpec name (semantic, coarse, fine, ...); default: config's stage")
     p.add_argument("--config", required=True, help="YAML run config (launch/configs/*.yaml)")
-    p.add_argument("--deepspeed_config", "--ds_config", dest="deepspeed_config",
-                   help="DeepSpeed JSON (deepspeed_configs/*.json)")
+    p.add_argument(
+        "--deepspeed_config", "--ds_config", dest="deepspeed_config", help="DeepSpeed JSON (deepspeed_configs/*.json)"
+    )
     p.add_argument("--resume", default="auto", help="auto (default) | none | checkpoint folder or tag")
     p.add_argument("--run_dir", help="run folder (default runs/<name>)")
     p.add_argument("--name", help="run name (default: config name)")
@@ -814,8 +963,9 @@ def build_arg_parser():
     p.add_argument("--max_steps", type=int, help="replaces train.max_steps (the cosine horizon)")
     p.add_argument("--stop_after", type=int, help="checkpoint and stop after this step (schedule unchanged)")
     add_set_argument(p)
-    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
-                   help="set by the deepspeed launcher")
+    p.add_argument(
+        "--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help="set by the deepspeed launcher"
+    )
     return p
 
 
@@ -827,8 +977,9 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         if args.stage:
             if cfg.get("stage") and cfg["stage"] != args.stage:
-                print(f"[musiclm.train] note: --stage {args.stage} replaces the config's stage {cfg['stage']}",
-                      flush=True)
+                print(
+                    f"[musiclm.train] note: --stage {args.stage} replaces the config's stage {cfg['stage']}", flush=True
+                )
             cfg["stage"] = args.stage
         if not cfg.get("stage"):
             raise ConfigError(f"{args.config}: no stage: pass --stage or set stage: in the config")
@@ -839,8 +990,15 @@ def train_main(argv: list[str] | None = None) -> int:
         if args.max_steps is not None:
             cfg.setdefault("train", {})["max_steps"] = args.max_steps
         where = args.config + (f" (with --set {' '.join(args.set)})" if args.set else "")
-        trainer = Trainer(cfg["stage"], cfg, args.deepspeed_config, run_dir=args.run_dir, resume=args.resume,
-                          stop_after=args.stop_after, config_path=where)
+        trainer = Trainer(
+            cfg["stage"],
+            cfg,
+            args.deepspeed_config,
+            run_dir=args.run_dir,
+            resume=args.resume,
+            stop_after=args.stop_after,
+            config_path=where,
+        )
     except (ConfigError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"[musiclm.train] config error: {msg}", file=sys.stderr, flush=True)
@@ -858,9 +1016,12 @@ def train_main(argv: list[str] | None = None) -> int:
         # torch's weights-only loader refused a pickle that is not plain tensors: say so in one line
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         why = [ln for ln in lines if "Unsupported global" in ln] or lines[:1]
-        print(f"[musiclm.train] refusing the checkpoint: a file in it is not plain weights (Weights only load "
-              f"failed: {' '.join(why)}); nothing was loaded or run. Resume only from run folders you trust.",
-              file=sys.stderr, flush=True)
+        print(
+            f"[musiclm.train] refusing the checkpoint: a file in it is not plain weights (Weights only load "
+            f"failed: {' '.join(why)}); nothing was loaded or run. Resume only from run folders you trust.",
+            file=sys.stderr,
+            flush=True,
+        )
         return 2
 
 

@@ -64,17 +64,31 @@ def export(run_dir: str, out_path: str, tag: str | None = None) -> dict:
     # every tensor its own contiguous storage (safetensors refuses shared tensors, e.g. tied embeddings)
     tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in sd.items()}
     meta = dict(state.get("model_config") or {})
-    meta.update({
-        "stage": state.get("spec"),
-        "step": state.get("step"),
-        "fingerprints": state.get("fingerprints"),
-        "fingerprint_hash": state.get("fingerprint_hash"),
-        "source": {"run_dir": os.path.abspath(run_dir), "tag": tag, "zero_stage": state.get("zero_stage"),
-                   "world_size": state.get("world_size")},
-        "num_params": int(sum(t.numel() for k, t in tensors.items()
-                              if not (k == "lm_head.weight" and "tok_emb.weight" in tensors
-                                      and (meta.get("model") or {}).get("tie_embeddings")))),
-    })
+    meta.update(
+        {
+            "stage": state.get("spec"),
+            "step": state.get("step"),
+            "fingerprints": state.get("fingerprints"),
+            "fingerprint_hash": state.get("fingerprint_hash"),
+            "source": {
+                "run_dir": os.path.abspath(run_dir),
+                "tag": tag,
+                "zero_stage": state.get("zero_stage"),
+                "world_size": state.get("world_size"),
+            },
+            "num_params": int(
+                sum(
+                    t.numel()
+                    for k, t in tensors.items()
+                    if not (
+                        k == "lm_head.weight"
+                        and "tok_emb.weight" in tensors
+                        and (meta.get("model") or {}).get("tie_embeddings")
+                    )
+                )
+            ),
+        }
+    )
     from safetensors.torch import save_file
 
     out_path = os.fspath(out_path)
@@ -82,8 +96,14 @@ def export(run_dir: str, out_path: str, tag: str | None = None) -> dict:
         save_file(tensors, tmp, metadata={"musiclm_config": json.dumps(meta, default=str), "format": "pt"})
     cfg_path = os.path.splitext(out_path)[0] + ".json"
     storage.write_json_atomic(cfg_path, meta, indent=1, default=str)
-    return {"weights": out_path, "config": cfg_path, "tag": tag, "step": state.get("step"),
-            "tensors": len(tensors), "num_params": meta["num_params"]}
+    return {
+        "weights": out_path,
+        "config": cfg_path,
+        "tag": tag,
+        "step": state.get("step"),
+        "tensors": len(tensors),
+        "num_params": meta["num_params"],
+    }
 
 
 def load_exported(weights: str, config: dict | str | None = None) -> tuple[dict, dict]:
@@ -112,5 +132,7 @@ def load_exported(weights: str, config: dict | str | None = None) -> tuple[dict,
         with open(os.path.splitext(weights)[0] + ".json") as f:
             meta = json.load(f)
     if meta is None:
-        raise FileNotFoundError(f"no config for {weights}: pass config= or put {os.path.splitext(weights)[0]}.json beside it")
+        raise FileNotFoundError(
+            f"no config for {weights}: pass config= or put {os.path.splitext(weights)[0]}.json beside it"
+        )
     return state, meta

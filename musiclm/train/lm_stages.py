@@ -87,10 +87,18 @@ def _make_spec(name: str) -> TrainSpec:
         }
 
     return TrainSpec(
-        name=name, data_kind="tokens", build_model=build_model, build_example=build_example,
-        collate=Stage.collate, loss=loss, configure=configure, expected_fingerprints=expected_fingerprints,
+        name=name,
+        data_kind="tokens",
+        build_model=build_model,
+        build_example=build_example,
+        collate=Stage.collate,
+        loss=loss,
+        configure=configure,
+        expected_fingerprints=expected_fingerprints,
         config_keys=("tokens", "model", "cond_dropout", "window_seconds"),
-        count_tokens=count_tokens, flops_per_token=flops_per_token, model_config=model_config,
+        count_tokens=count_tokens,
+        flops_per_token=flops_per_token,
+        model_config=model_config,
         description=f"MusicLM {name} stage LM (musiclm.lm.stages)",
     )
 

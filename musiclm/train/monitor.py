@@ -43,8 +43,7 @@ def read_metrics(path: str) -> list[dict]:
 
 
 class Monitor:
-    def __init__(self, run_dir: str, *, enabled: bool = True, resume_step: int | None = None,
-                 tensorboard: bool = True):
+    def __init__(self, run_dir: str, *, enabled: bool = True, resume_step: int | None = None, tensorboard: bool = True):
         self.enabled = enabled
         self.run_dir = run_dir
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -130,7 +129,7 @@ def plot_losses(metrics_path: str, out_png: str) -> str | None:
         ax.plot(xs, ys, lw=0.8, alpha=0.5, label="train")
         if len(ys) >= 20:
             k = max(2, len(ys) // 50)
-            sm = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+            sm = [sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1]) for i in range(len(ys))]
             ax.plot(xs, sm, lw=1.5, label=f"train (mean of {k})")
     xs, ys = series("eval/loss")
     if xs:
@@ -191,9 +190,20 @@ def peak_memory_gb(device) -> float:
 
 # dense bf16 tensor-core peaks (FLOP/s) by device name; the config's train.peak_flops overrides
 _GPU_PEAKS = [
-    ("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12),
-    ("A800", 312e12), ("L40", 181e12), ("L4", 121e12), ("A10", 125e12), ("A6000", 155e12),
-    ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("A6000", 155e12),
+    ("4090", 165e12),
+    ("3090", 71e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
 ]
 
 

@@ -52,8 +52,18 @@ from musiclm.train.spec import TrainSpec, register_train_spec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_model", "build_example", "collate", "loss", "skipped_samples", "SPEC",
-           "model_config", "decode_flac", "eval_outputs", "eval_summary"]
+__all__ = [
+    "build_model",
+    "build_example",
+    "collate",
+    "loss",
+    "skipped_samples",
+    "SPEC",
+    "model_config",
+    "decode_flac",
+    "eval_outputs",
+    "eval_summary",
+]
 
 _LOCK = threading.Lock()
 _SKIPPED: list[dict] = []
@@ -96,8 +106,12 @@ def _skip_log_path(cfg: dict) -> str | None:
 
 
 def _record_skip(sample: dict, reason: str, cfg: dict) -> None:
-    rec = {"key": sample.get("__key__"), "url": sample.get("__url__"), "reason": reason,
-           "rank": int(os.environ.get("RANK", "0"))}
+    rec = {
+        "key": sample.get("__key__"),
+        "url": sample.get("__url__"),
+        "reason": reason,
+        "rank": int(os.environ.get("RANK", "0")),
+    }
     with _LOCK:
         if (rec["key"], rec["url"]) in _SEEN:
             return
@@ -131,8 +145,7 @@ def skipped_samples(clear: bool = False) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def decode_flac(data: bytes, name: str = "sample.flac",
-                sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+def decode_flac(data: bytes, name: str = "sample.flac", sample_rate: int | None = None) -> tuple[np.ndarray, int]:
     """FLAC bytes -> (mono float32 ``[T]``, rate), resampled to ``sample_rate`` when given.
     Raises ``musiclm.audio.AudioError`` for corrupt/empty audio."""
     from musiclm.audio import decode_bytes
@@ -179,7 +192,7 @@ def build_example(sample: dict, rng: np.random.Generator, cfg: dict) -> dict | N
     crop_in = int(round(crop_s * sr))
     if wav.size > crop_in:  # random crop at the source rate, then resample
         start = int(rng.integers(0, wav.size - crop_in + 1))
-        wav = wav[start: start + crop_in]
+        wav = wav[start : start + crop_in]
     wav = _resample(wav, sr, frontend.sample_rate)
     feats = frontend(wav)
     length = feats.shape[0] if frontend.kind == "ast" else feats.shape[-1]
@@ -188,9 +201,13 @@ def build_example(sample: dict, rng: np.random.Generator, cfg: dict) -> dict | N
 
     bpm = bpm_of(js)
     clip = str(js.get("clip_id") or str(sample.get("__key__", "")).split("__")[0])
-    return {"audio": feats, "audio_length": int(length),
-            "input_ids": torch.as_tensor(ids, dtype=torch.long),
-            "bpm": float("nan") if bpm is None else bpm, "clip": _clip_number(clip)}
+    return {
+        "audio": feats,
+        "audio_length": int(length),
+        "input_ids": torch.as_tensor(ids, dtype=torch.long),
+        "bpm": float("nan") if bpm is None else bpm,
+        "clip": _clip_number(clip),
+    }
 
 
 def _clip_number(clip_id: str) -> int:
@@ -239,8 +256,10 @@ def _train_captions(cfg: dict) -> list[str]:
 
     dirs = (cfg.get("data") or {}).get("shards")
     if not dirs:
-        raise ValueError("a scratch text tower without text.tokenizer_file needs the shard "
-                         "directory (data.shards) to train the tokenizer on")
+        raise ValueError(
+            "a scratch text tower without text.tokenizer_file needs the shard "
+            "directory (data.shards) to train the tokenizer on"
+        )
     dirs = dirs if isinstance(dirs, (list, tuple)) else [dirs]
     caps = []
     for d in dirs:
@@ -256,8 +275,7 @@ def configure(cfg: dict) -> None:
     (deterministic: every rank trains the same one and the file is replaced atomically)."""
     m = _model_cfg(cfg)
     t = m["text"]
-    if t["kind"] == "scratch" and (not t.get("tokenizer_file")
-                                   or not os.path.exists(str(t["tokenizer_file"]))):
+    if t["kind"] == "scratch" and (not t.get("tokenizer_file") or not os.path.exists(str(t["tokenizer_file"]))):
         from musiclm.mulan.model import train_caption_tokenizer
 
         path = t.get("tokenizer_file")
@@ -269,8 +287,7 @@ def configure(cfg: dict) -> None:
 def build_model(cfg: dict) -> MuLaN:
     configure(cfg)
     model = MuLaN(_model_cfg(cfg))
-    log.info("mulan: %.2fM parameters (%.2fM trainable)", model.num_params() / 1e6,
-             model.num_params(True) / 1e6)
+    log.info("mulan: %.2fM parameters (%.2fM trainable)", model.num_params() / 1e6, model.num_params(True) / 1e6)
     return model
 
 
@@ -281,8 +298,12 @@ def _recall_at(sim: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def loss(model: Any, batch: dict, cfg: dict) -> tuple[torch.Tensor, dict]:
-    out = model(audio=batch["audio"], audio_lengths=batch.get("audio_lengths"),
-                input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    out = model(
+        audio=batch["audio"],
+        audio_lengths=batch.get("audio_lengths"),
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+    )
     gather = bool(_stage_cfg(cfg).get("gather", True))
     value, metrics = contrastive_loss(out["audio"], out["text"], out["logit_scale"], gather=gather)
     with torch.no_grad():
@@ -301,12 +322,19 @@ def loss(model: Any, batch: dict, cfg: dict) -> tuple[torch.Tensor, dict]:
 
 def eval_outputs(model: Any, batch: dict, cfg: dict) -> dict:
     """Per-sample rows for the whole-split evaluation: both embeddings, BPM tag, clip number."""
-    out = model(audio=batch["audio"], audio_lengths=batch.get("audio_lengths"),
-                input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    out = model(
+        audio=batch["audio"],
+        audio_lengths=batch.get("audio_lengths"),
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+    )
     n = out["audio"].shape[0]
-    return {"audio": out["audio"], "text": out["text"],
-            "bpm": batch.get("bpm", torch.full((n,), float("nan"))),
-            "clip": batch.get("clip", torch.arange(n))}
+    return {
+        "audio": out["audio"],
+        "text": out["text"],
+        "bpm": batch.get("bpm", torch.full((n,), float("nan"))),
+        "clip": batch.get("clip", torch.arange(n)),
+    }
 
 
 def eval_summary(outputs: dict, cfg: dict) -> dict:
@@ -317,15 +345,18 @@ def eval_summary(outputs: dict, cfg: dict) -> dict:
     clips = outputs["clip"].long()
     uniq, inverse = torch.unique(clips, sorted=False, return_inverse=True)
     first = torch.full((len(uniq),), len(clips), dtype=torch.long).scatter_reduce(
-        0, inverse, torch.arange(len(clips)), reduce="amin")
+        0, inverse, torch.arange(len(clips)), reduce="amin"
+    )
     order = torch.argsort(first)  # clips in split order
     a = torch.zeros(len(uniq), audio.shape[1], dtype=audio.dtype).index_add_(0, inverse, audio)[order]
     a = torch.nn.functional.normalize(a, dim=-1)
     t = text[first[order]]
     bpm = outputs["bpm"].double()[first[order]]
     r = retrieval_metrics(t.numpy(), a.numpy())
-    out = {"retrieval/clips": float(r["n"]),
-           "retrieval/text_to_audio_R@10_over_chance": r["text_to_audio_R@10_over_chance"]}
+    out = {
+        "retrieval/clips": float(r["n"]),
+        "retrieval/text_to_audio_R@10_over_chance": r["text_to_audio_R@10_over_chance"],
+    }
     for direction in ("text_to_audio", "audio_to_text"):
         for k, v in r[direction].items():
             if k != "mean_rank":
@@ -353,13 +384,13 @@ def flops_per_token(model: Any, cfg: dict) -> float:
     if a["kind"] == "ast":
         patches = 1212
     else:
-        frames = 1 + int(float(_stage_cfg(cfg).get("crop_seconds") or a["seconds"])
-                         * int(a["sample_rate"])) // int(a["hop_length"])
+        frames = 1 + int(float(_stage_cfg(cfg).get("crop_seconds") or a["seconds"]) * int(a["sample_rate"])) // int(
+            a["hop_length"]
+        )
         patches = (int(a["n_mels"]) // int(a["patch"][0])) * -(-frames // int(a["patch"][1]))
     text_tokens = 32
     fl = 0.0
-    for part, n_tok in ((m.audio_tower, patches), (m.audio_proj, 1),
-                        (m.text_tower, text_tokens), (m.text_proj, 1)):
+    for part, n_tok in ((m.audio_tower, patches), (m.audio_proj, 1), (m.text_tower, text_tokens), (m.text_proj, 1)):
         for name, p in part.named_parameters():
             if "embed" in name and p.dim() == 2 and part is m.text_tower:
                 continue  # lookups, not matmuls
@@ -369,13 +400,25 @@ def flops_per_token(model: Any, cfg: dict) -> float:
 
 def model_config(cfg: dict) -> dict:
     """Written beside exported weights: :func:`musiclm.mulan.checkpoint.load_mulan` reads it."""
-    return {"format": "musiclm-mulan", "version": 1, "kind": "musiclm.mulan",
-            "model": _model_cfg(cfg)}
+    return {"format": "musiclm-mulan", "version": 1, "kind": "musiclm.mulan", "model": _model_cfg(cfg)}
 
 
-SPEC = register_train_spec(TrainSpec(
-    name="mulan", data_kind="audio", build_model=build_model, build_example=build_example,
-    collate=collate, loss=loss, configure=configure, count_tokens=count_tokens, config_keys=("model", "mulan"),
-    flops_per_token=flops_per_token, model_config=model_config,
-    eval_outputs=eval_outputs, eval_summary=eval_summary,
-    description="MuLaN audio/text contrastive model (musiclm.mulan)"), overwrite=True)
+SPEC = register_train_spec(
+    TrainSpec(
+        name="mulan",
+        data_kind="audio",
+        build_model=build_model,
+        build_example=build_example,
+        collate=collate,
+        loss=loss,
+        configure=configure,
+        count_tokens=count_tokens,
+        config_keys=("model", "mulan"),
+        flops_per_token=flops_per_token,
+        model_config=model_config,
+        eval_outputs=eval_outputs,
+        eval_summary=eval_summary,
+        description="MuLaN audio/text contrastive model (musiclm.mulan)",
+    ),
+    overwrite=True,
+)

@@ -42,11 +42,17 @@ def run_summary(run_dir: str) -> dict:
     timed = [r["time"] for r in recs if "train/loss" in r and "time" in r]
     first_loss = next((r["train/loss"] for r in recs if "train/loss" in r), None)
     return {
-        "run": run_dir, "steps": max(steps) if steps else 0, "max_steps": max_steps, "max_minutes": max_minutes,
+        "run": run_dir,
+        "steps": max(steps) if steps else 0,
+        "max_steps": max_steps,
+        "max_minutes": max_minutes,
         "train_minutes": (timed[-1] - timed[0]) / 60.0 if len(timed) > 1 else 0.0,
         "startup_s": startup.get("process_to_first_step_s"),
-        "tokens_per_s": _last(recs, "perf/tokens_per_s"), "samples_per_s": _last(recs, "perf/samples_per_s"),
-        "first_loss": first_loss, "final_loss": _last(recs, "train/loss"), "eval_loss": _last(recs, "eval/loss"),
+        "tokens_per_s": _last(recs, "perf/tokens_per_s"),
+        "samples_per_s": _last(recs, "perf/samples_per_s"),
+        "first_loss": first_loss,
+        "final_loss": _last(recs, "train/loss"),
+        "eval_loss": _last(recs, "eval/loss"),
     }
 
 
@@ -56,18 +62,22 @@ def _fmt(v, spec: str) -> str:
 
 def format_runs_table(rows: list[dict]) -> str:
     """Markdown table of run_summary rows."""
-    out = ["| run | steps | budget | training (min) | start-up to first step (s) | samples/s | "
-           "train loss first → last | eval loss |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| run | steps | budget | training (min) | start-up to first step (s) | samples/s | "
+        "train loss first → last | eval loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         budget = []
         if r["max_steps"]:
             budget.append(f"{r['max_steps']} steps")
         if r["max_minutes"]:
             budget.append(f"{r['max_minutes']:g} min")
-        out.append(f"| {r['run']} | {r['steps']} | {' / '.join(budget) or '–'} | {r['train_minutes']:.1f} | "
-                   f"{_fmt(r['startup_s'], '.1f')} | {_fmt(r['samples_per_s'], '.1f')} | "
-                   f"{_fmt(r['first_loss'], '.2f')} → {_fmt(r['final_loss'], '.2f')} | {_fmt(r['eval_loss'], '.2f')} |")
+        out.append(
+            f"| {r['run']} | {r['steps']} | {' / '.join(budget) or '–'} | {r['train_minutes']:.1f} | "
+            f"{_fmt(r['startup_s'], '.1f')} | {_fmt(r['samples_per_s'], '.1f')} | "
+            f"{_fmt(r['first_loss'], '.2f')} → {_fmt(r['final_loss'], '.2f')} | {_fmt(r['eval_loss'], '.2f')} |"
+        )
     return "\n".join(out)
 
 

@@ -56,8 +56,9 @@ Optional hooks (defaults are fine for most specs):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 __all__ = ["TrainSpec", "register_train_spec", "get_train_spec", "list_train_specs"]
 
@@ -67,20 +68,20 @@ class TrainSpec:
     name: str
     data_kind: str  # "tokens" | "audio"
     build_model: Callable[[dict], Any]
-    build_example: Callable[[dict, Any, dict], Optional[dict]]
+    build_example: Callable[[dict, Any, dict], dict | None]
     collate: Callable[[list], dict]
     loss: Callable[[Any, dict, dict], tuple]
-    custom_step: Optional[Callable[[Any, dict], tuple]] = None
+    custom_step: Callable[[Any, dict], tuple] | None = None
     config_keys: tuple[str, ...] = ()
     # optional hooks
-    configure: Optional[Callable[[dict], None]] = None
-    eval_step: Optional[Callable[[Any, dict, dict], tuple]] = None
-    expected_fingerprints: Optional[Callable[[dict], dict]] = None
-    count_tokens: Optional[Callable[[dict], int]] = None
-    flops_per_token: Optional[Callable[[Any, dict], float]] = None
-    model_config: Optional[Callable[[dict], dict]] = None
-    eval_outputs: Optional[Callable[[Any, dict, dict], dict]] = None
-    eval_summary: Optional[Callable[[dict, dict], dict]] = None
+    configure: Callable[[dict], None] | None = None
+    eval_step: Callable[[Any, dict, dict], tuple] | None = None
+    expected_fingerprints: Callable[[dict], dict] | None = None
+    count_tokens: Callable[[dict], int] | None = None
+    flops_per_token: Callable[[Any, dict], float] | None = None
+    model_config: Callable[[dict], dict] | None = None
+    eval_outputs: Callable[[Any, dict, dict], dict] | None = None
+    eval_summary: Callable[[dict, dict], dict] | None = None
     description: str = ""
 
     def __post_init__(self):
