@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def _print_json(obj: Any) -> None:
@@ -23,9 +24,7 @@ def _print_json(obj: Any) -> None:
 def _demo_corpus(args: argparse.Namespace) -> int:
     from musiclm.data.demo_corpus import generate_corpus, plot_spectrograms
 
-    summary = generate_corpus(
-        args.out, clips=args.clips, seed=args.seed, seconds=args.seconds, workers=args.workers
-    )
+    summary = generate_corpus(args.out, clips=args.clips, seed=args.seed, seconds=args.seconds, workers=args.workers)
     if args.spectrograms:
         plot_spectrograms(f"{args.out}/manifest.jsonl", args.spectrograms)
         summary["spectrograms"] = args.spectrograms
@@ -66,10 +65,13 @@ def _manifest_check(args: argparse.Namespace) -> int:
     if report.get("ok", True):
         return 0
     first = (report.get("unreadable") or [None])[0]
-    print(f"manifest check failed: {args.manifest}: {report.get('missing_audio', 0)} missing and "
-          f"{report.get('unreadable_audio', 0)} unreadable audio files"
-          + (f" (first unreadable: {first['audio']}: {first['reason']})" if first else "")
-          + (f" (first missing: {report['missing'][0]})" if report.get("missing") else ""), file=sys.stderr)
+    print(
+        f"manifest check failed: {args.manifest}: {report.get('missing_audio', 0)} missing and "
+        f"{report.get('unreadable_audio', 0)} unreadable audio files"
+        + (f" (first unreadable: {first['audio']}: {first['reason']})" if first else "")
+        + (f" (first missing: {report['missing'][0]})" if report.get("missing") else ""),
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -165,8 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     man = sub.add_parser("manifest", help="build or validate a manifest.jsonl")
     man_sub = man.add_subparsers(dest="manifest_command", required=True)
-    p = add("from-csv", _manifest_from_csv, "manifest.jsonl from a CSV of files and captions "
-            "(or MusicCaps ytid,start_s,end_s,caption with --audio-dir)", man_sub)
+    p = add(
+        "from-csv",
+        _manifest_from_csv,
+        "manifest.jsonl from a CSV of files and captions (or MusicCaps ytid,start_s,end_s,caption with --audio-dir)",
+        man_sub,
+    )
     p.add_argument("csv")
     p.add_argument("--out", required=True)
     p.add_argument("--audio-dir", default=None)
@@ -174,8 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-column", default="caption")
     p.add_argument("--id-column", default=None)
     p.add_argument("--strict", action="store_true", help="fail on a missing audio file instead of skipping it")
-    p = add("check", _manifest_check, "validate a manifest (errors name file, line and field)",
-            man_sub)
+    p = add("check", _manifest_check, "validate a manifest (errors name file, line and field)", man_sub)
     p.add_argument("manifest")
     p.add_argument("--no-audio", action="store_true", help="skip checking the audio files")
 
@@ -193,21 +198,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluation families")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
-    p = add("retrieval", _eval_retrieval, "text<->audio Recall@k, median rank, similarity PNG, "
-            "tempo probe, quantizer agreement for any AudioTextEmbedder", ev_sub)
+    p = add(
+        "retrieval",
+        _eval_retrieval,
+        "text<->audio Recall@k, median rank, similarity PNG, "
+        "tempo probe, quantizer agreement for any AudioTextEmbedder",
+        ev_sub,
+    )
     from musiclm.eval import retrieval
 
     retrieval.add_arguments(p)
-    p = add("tempo", _eval_tempo, "tempo following of the semantic stage: BPM from semantic tokens "
-            "(ground truth, generated from captions) vs the caption BPM, baselines, PNG", ev_sub)
+    p = add(
+        "tempo",
+        _eval_tempo,
+        "tempo following of the semantic stage: BPM from semantic tokens "
+        "(ground truth, generated from captions) vs the caption BPM, baselines, PNG",
+        ev_sub,
+    )
     from musiclm.eval import tempo
 
     tempo.add_arguments(p)
 
     p = add("bench", _bench, "benchmarks, printed as JSON")
     p.add_argument("part", choices=["shards", "tokenize", "train", "startup", "lm", "scaling"])
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="keyword argument for the benchmark's run(), value parsed as YAML (repeatable)")
+    p.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword argument for the benchmark's run(), value parsed as YAML (repeatable)",
+    )
     p.add_argument("--out", default=None, help="also write the JSON here")
     return parser
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,9 +136,11 @@ class ResidualVQ(nn.Module):
         self.stats: dict[str, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, levels={self.levels}, codebook_size={self.codebook_size}, "
-                f"ema_decay={self.ema_decay}, kmeans_init={self.kmeans_init}, "
-                f"dead_code_threshold={self.dead_code_threshold}, quantizer_dropout={self.quantizer_dropout}")
+        return (
+            f"dim={self.dim}, levels={self.levels}, codebook_size={self.codebook_size}, "
+            f"ema_decay={self.ema_decay}, kmeans_init={self.kmeans_init}, "
+            f"dead_code_threshold={self.dead_code_threshold}, quantizer_dropout={self.quantizer_dropout}"
+        )
 
     def config(self) -> dict:
         cfg = {
@@ -148,8 +151,7 @@ class ResidualVQ(nn.Module):
         }
         # training-only options: listed only when used, so existing configs (and hashes) stay the same
         if self.kmeans_init:
-            cfg.update(kmeans_init=True, kmeans_init_batches=self.kmeans_init_batches,
-                       kmeans_iters=self.kmeans_iters)
+            cfg.update(kmeans_init=True, kmeans_init_batches=self.kmeans_init_batches, kmeans_iters=self.kmeans_iters)
         if self.dead_code_threshold:
             cfg["dead_code_threshold"] = self.dead_code_threshold
         if self.quantizer_dropout:
@@ -164,7 +166,7 @@ class ResidualVQ(nn.Module):
         seed: int = 0,
         max_samples: int | None = 100_000,
         max_iter: int = 100,
-    ) -> "ResidualVQ":
+    ) -> ResidualVQ:
         """k-means-initialise every level on the residuals of the levels before it.
 
         ``x`` is ``[N, D]`` (or ``[..., D]``, flattened); at most ``max_samples`` random rows are used.
@@ -275,8 +277,7 @@ class ResidualVQ(nn.Module):
             counts = self._counts(idx, mask)
             if self.training:
                 if self.ema_decay is not None:
-                    self._ema_update(level, r if mask is None else r[mask], counts,
-                                     idx if mask is None else idx[mask])
+                    self._ema_update(level, r if mask is None else r[mask], counts, idx if mask is None else idx[mask])
                     if self.dead_code_threshold > 0:
                         restarts[level] = self._restart_dead(level, r if mask is None else r[mask])
             total = counts.sum()
@@ -296,8 +297,12 @@ class ResidualVQ(nn.Module):
             residual = residual - q.detach()
             codes.append(idx)
         out = flat + (quantized - flat).detach()
-        self.stats = {"perplexity": perplexity, "restarts": restarts, "used": used,
-                      "n_quantizers": torch.tensor(float(self.levels) if nq is None else float(nq.float().mean()))}
+        self.stats = {
+            "perplexity": perplexity,
+            "restarts": restarts,
+            "used": used,
+            "n_quantizers": torch.tensor(float(self.levels) if nq is None else float(nq.float().mean())),
+        }
         return out.reshape(*shape, self.dim), torch.stack(codes, -1).reshape(*shape, self.levels), loss
 
     # ------------------------------------------------------------------ training helpers
@@ -325,8 +330,12 @@ class ResidualVQ(nn.Module):
         return None if k == self.levels else torch.full((n,), k, dtype=torch.long, device=device)
 
     def _distributed(self) -> bool:
-        return bool(self.sync and torch.distributed.is_available() and torch.distributed.is_initialized()
-                     and torch.distributed.get_world_size() > 1)
+        return bool(
+            self.sync
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        )
 
     @torch.no_grad()
     def _counts(self, idx: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -462,7 +471,7 @@ class MuLaNEmbedQuantizer(nn.Module):
         self.fitted_on = 0
 
     @classmethod
-    def from_preset(cls, dim: int, preset: str = "default", **kwargs) -> "MuLaNEmbedQuantizer":
+    def from_preset(cls, dim: int, preset: str = "default", **kwargs) -> MuLaNEmbedQuantizer:
         params = dict(QUANTIZER_PRESETS[preset])
         params.update(kwargs)
         return cls(dim, **params)
@@ -477,7 +486,9 @@ class MuLaNEmbedQuantizer(nn.Module):
         }
 
     # ------------------------------------------------------------------ fitting / coding
-    def fit(self, emb: torch.Tensor | np.ndarray, seed: int = 0, max_samples: int | None = 100_000) -> "MuLaNEmbedQuantizer":
+    def fit(
+        self, emb: torch.Tensor | np.ndarray, seed: int = 0, max_samples: int | None = 100_000
+    ) -> MuLaNEmbedQuantizer:
         """Fit every namespace's RVQ on embeddings ``[N, D]`` (different seeds per namespace)."""
         x = _to_tensor(emb).float().reshape(-1, self.dim)
         for i, ns in enumerate(self.namespaces):
@@ -525,7 +536,7 @@ class MuLaNEmbedQuantizer(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "MuLaNEmbedQuantizer":
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> MuLaNEmbedQuantizer:
         from safetensors.torch import load_file
 
         directory = os.fspath(directory)
@@ -558,4 +569,3 @@ class MuLaNEmbedQuantizer(nn.Module):
             levels=self.levels,
             codebook_size=self.codebook_size,
         )
-

@@ -16,19 +16,29 @@ import torch
 from musiclm.codec import AcousticTokenizer, build_acoustic
 from musiclm.codec.losses import MultiScaleMelLoss, mel_distance, si_snr
 from musiclm.codec.soundstream import (
-    SOUNDSTREAM_PRESETS, SoundStream, SoundStreamTokenizer, resolve_soundstream_config, save_soundstream,
+    SOUNDSTREAM_PRESETS,
+    SoundStream,
+    SoundStreamTokenizer,
+    resolve_soundstream_config,
+    save_soundstream,
 )
 
 
 def beats(n: int = 4, seconds: float = 1.0, sample_rate: int = 8000, start: int = 0) -> torch.Tensor:
     from musiclm.data.demo_corpus import make_clip
 
-    return torch.stack([torch.from_numpy(make_clip(0, i, seconds=seconds, sample_rate=sample_rate)[1]).float()
-                        for i in range(start, start + n)])
+    return torch.stack(
+        [
+            torch.from_numpy(make_clip(0, i, seconds=seconds, sample_rate=sample_rate)[1]).float()
+            for i in range(start, start + n)
+        ]
+    )
 
 
-@pytest.mark.parametrize("preset,rate,hop,levels,codes", [
-    ("tiny", 8000, 160, 4, 64), ("demo", 24000, 320, 8, 256), ("paper", 24000, 480, 12, 1024)])
+@pytest.mark.parametrize(
+    "preset,rate,hop,levels,codes",
+    [("tiny", 8000, 160, 4, 64), ("demo", 24000, 320, 8, 256), ("paper", 24000, 480, 12, 1024)],
+)
 def test_presets_frame_rate_and_frame_count_convention(preset, rate, hop, levels, codes):
     torch.manual_seed(0)
     model = SoundStream({"preset": preset})
@@ -55,7 +65,7 @@ def test_encoder_is_causal():
     model = SoundStream({"preset": "tiny"}).eval()
     wav = torch.randn(1, 160 * 10) * 0.1
     later = wav.clone()
-    later[:, 160 * 6:] += torch.randn(1, 160 * 4)
+    later[:, 160 * 6 :] += torch.randn(1, 160 * 4)
     a, b = model.encoder(wav), model.encoder(later)
     torch.testing.assert_close(a[..., :6], b[..., :6])  # frames before the change are unchanged
     assert not torch.allclose(a[..., 6:], b[..., 6:])
@@ -104,7 +114,9 @@ def _train_briefly(model: SoundStream, wav: torch.Tensor, steps: int) -> None:
     model.train()
     for _ in range(steps):
         out = model(wav)
-        loss = mel(out["recon"], out["wav"]) + 0.1 * (out["recon"] - out["wav"]).abs().mean() + 0.25 * out["commit_loss"]
+        loss = (
+            mel(out["recon"], out["wav"]) + 0.1 * (out["recon"] - out["wav"]).abs().mean() + 0.25 * out["commit_loss"]
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -161,16 +173,38 @@ def codec_work(tmp_path_factory):
     make_synthetic_audio_shards(str(work / "shards"), n_train=16, n_eval=4, seconds=1.5, sample_rate=8000)
     import yaml
 
-    cfg = {"name": "codec-tiny", "stage": "codec", "seed": 0,
-           "data": {"shards": str(work / "shards"), "shuffle": 16, "prefetch": 2},
-           "model": {"preset": "tiny"},
-           # GAN from step 2; step 3's batch is NaN on rank 1 only
-           "codec": {"crop_seconds": 1.0, "adversarial_after": 1, "disc_channels": 4, "media_clips": 1,
-                     "inject_nan_at_step": 3, "inject_nan_rank": 1},
-           "train": {"max_steps": 5, "warmup_steps": 2, "log_every": 1, "eval_every": 5, "eval_batches": 1,
-                     "split_eval_every": 5, "split_eval_samples": 8, "checkpoint_every": 1, "keep_checkpoints": 10},
-           "deepspeed": {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
-                         "optimizer": {"type": "AdamW", "params": {"lr": 3.0e-3, "betas": [0.8, 0.99]}}}}
+    cfg = {
+        "name": "codec-tiny",
+        "stage": "codec",
+        "seed": 0,
+        "data": {"shards": str(work / "shards"), "shuffle": 16, "prefetch": 2},
+        "model": {"preset": "tiny"},
+        # GAN from step 2; step 3's batch is NaN on rank 1 only
+        "codec": {
+            "crop_seconds": 1.0,
+            "adversarial_after": 1,
+            "disc_channels": 4,
+            "media_clips": 1,
+            "inject_nan_at_step": 3,
+            "inject_nan_rank": 1,
+        },
+        "train": {
+            "max_steps": 5,
+            "warmup_steps": 2,
+            "log_every": 1,
+            "eval_every": 5,
+            "eval_batches": 1,
+            "split_eval_every": 5,
+            "split_eval_samples": 8,
+            "checkpoint_every": 1,
+            "keep_checkpoints": 10,
+        },
+        "deepspeed": {
+            "train_micro_batch_size_per_gpu": 4,
+            "gradient_clipping": 1.0,
+            "optimizer": {"type": "AdamW", "params": {"lr": 3.0e-3, "betas": [0.8, 0.99]}},
+        },
+    }
     with open(work / "codec.yaml", "w") as f:
         yaml.safe_dump(cfg, f)
     return work
@@ -179,8 +213,16 @@ def codec_work(tmp_path_factory):
 def _codec_args(work, run_dir, extra=()):
     from train_utils import DS_CONFIGS
 
-    return ["launch/train.py", "--config", str(work / "codec.yaml"), "--deepspeed_config",
-            os.path.join(DS_CONFIGS, "zero2.json"), "--run_dir", run_dir, *extra]
+    return [
+        "launch/train.py",
+        "--config",
+        str(work / "codec.yaml"),
+        "--deepspeed_config",
+        os.path.join(DS_CONFIGS, "zero2.json"),
+        "--run_dir",
+        run_dir,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +267,9 @@ def test_codec_resume_reproduces_both_engines(codec_work, codec_full):
     from train_utils import launch, metrics, read_log, train_losses
 
     part = str(codec_work / "part")
-    assert launch(2, _codec_args(codec_work, part, ["--stop_after", "2"]), part + ".log") == 0, \
-        read_log(part + ".log")[-4000:]
+    assert launch(2, _codec_args(codec_work, part, ["--stop_after", "2"]), part + ".log") == 0, read_log(part + ".log")[
+        -4000:
+    ]
     assert max(train_losses(part)) == 2
     assert launch(2, _codec_args(codec_work, part), part + ".resume.log") == 0, read_log(part + ".resume.log")[-4000:]
     assert "resumed from" in read_log(part + ".resume.log")
@@ -234,8 +277,16 @@ def test_codec_resume_reproduces_both_engines(codec_work, codec_full):
     again = {r["step"]: r for r in metrics(part) if "train/loss" in r}
     assert sorted(again) == [1, 2, 3, 4, 5]
     for step in range(1, 6):
-        for key in ("train/loss", "train/loss/mel", "train/loss/disc", "train/loss/adv", "train/grad_norm",
-                    "train/grad_norm/disc", "train/lr/disc", "train/codebook/perplexity/level_1"):
+        for key in (
+            "train/loss",
+            "train/loss/mel",
+            "train/loss/disc",
+            "train/loss/adv",
+            "train/grad_norm",
+            "train/grad_norm/disc",
+            "train/lr/disc",
+            "train/codebook/perplexity/level_1",
+        ):
             if step == 3 and key.startswith("train/grad_norm"):
                 continue  # the skipped step has no gradient: the engine reports its last norm (none after a resume)
             assert again[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-7, nan_ok=True), (step, key)
@@ -248,13 +299,15 @@ def test_codec_resume_reproduces_both_engines(codec_work, codec_full):
 @slow
 def test_codec_run_logs_eval_media_and_exports_a_soundstream_tokenizer(codec_work, codec_full):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from musiclm.train.export import export
     from train_utils import metrics
 
+    from musiclm.train.export import export
+
     ev = [r for r in metrics(codec_full) if "eval/si_snr/all" in r]
-    assert ev and all(k in ev[-1] for k in ("eval/mel/1", "eval/mel/coarse", "eval/mel/all", "eval/si_snr/1",
-                                             "eval/mel_below_150hz/all"))
+    assert ev and all(
+        k in ev[-1]
+        for k in ("eval/mel/1", "eval/mel/coarse", "eval/mel/all", "eval/si_snr/1", "eval/mel_below_150hz/all")
+    )
     assert any("eval/loss" in r and "eval/si_snr" in r for r in metrics(codec_full))
     acc = EventAccumulator(os.path.join(codec_full, "tb"), size_guidance={"audio": 0, "images": 0}).Reload()
     tags = acc.Tags()
@@ -271,4 +324,7 @@ def test_codec_run_logs_eval_media_and_exports_a_soundstream_tokenizer(codec_wor
     # the exported weights are the trained generator's (codebooks included)
     live = _engine_state(codec_full, 5, "model")
     torch.testing.assert_close(tok.model.quantizer.codebooks, live["quantizer.codebooks"])
-    assert tok.fingerprint()["weights_sha256"] != SoundStreamTokenizer(model=SoundStream({"preset": "tiny"})).fingerprint()["weights_sha256"]
+    assert (
+        tok.fingerprint()["weights_sha256"]
+        != SoundStreamTokenizer(model=SoundStream({"preset": "tiny"})).fingerprint()["weights_sha256"]
+    )

@@ -126,9 +126,9 @@ def test_mulan_quantizer_save_load_identical_codes_and_fingerprint(tmp_path):
 
 
 def test_auto_codebook_size_follows_the_corpus():
-    assert auto_codebook_size(200) == 16      # the 200-clip demo
-    assert auto_codebook_size(900) == 64      # the 1,000-clip demo's train split
-    assert auto_codebook_size(10) == 16       # never below the minimum
+    assert auto_codebook_size(200) == 16  # the 200-clip demo
+    assert auto_codebook_size(900) == 64  # the 1,000-clip demo's train split
+    assert auto_codebook_size(10) == 16  # never below the minimum
     assert auto_codebook_size(5_000_000) == 1024  # a real corpus: the preset's size
     assert auto_codebook_size(5_000_000, cap=256) == 256
     sizes = [auto_codebook_size(n) for n in range(1, 100_000, 997)]
@@ -168,9 +168,11 @@ def test_mulan_quantizer_outputs_and_fingerprint_are_pinned(tmp_path):
     codes = q.encode(x)
     assert codes[:2].tolist() == [[[17, 20, 30], [6, 19, 26], [13, 8, 20]], [[7, 2, 25], [2, 17, 10], [21, 2, 26]]]
     assert hashlib.sha256(codes.tobytes()).hexdigest() == (
-        "a4a9f1afe6f21499b358a70262998ae6d9a49a2155ce5d4da43bb76f84328d75")
-    assert sorted(q.state_dict()) == [f"rvq.{ns}.{b}" for ns in ("coarse", "fine", "semantic")
-                                      for b in ("codebooks", "fitted", "n_codes")]
+        "a4a9f1afe6f21499b358a70262998ae6d9a49a2155ce5d4da43bb76f84328d75"
+    )
+    assert sorted(q.state_dict()) == [
+        f"rvq.{ns}.{b}" for ns in ("coarse", "fine", "semantic") for b in ("codebooks", "fitted", "n_codes")
+    ]
     fp = q.fingerprint()
     assert fp["weights_sha256"] == "9806d04ad6ec5a326e4064fe511b7e9d52d22d3f6a4daf1495cea2d75d12e3eb"
     assert canonical_hash(fp) == "cf935ce2220b0ff0"
@@ -195,7 +197,7 @@ def test_rvq_kmeans_init_from_the_first_batches():
     rvq.train()
 
     def rel_err():
-        return float(((rvq.decode(rvq.encode(x)) - x) ** 2).sum() / (x ** 2).sum())
+        return float(((rvq.decode(rvq.encode(x)) - x) ** 2).sum() / (x**2).sum())
 
     before = rel_err()
     assert not bool(rvq.fitted) and before > 0.9  # random 0.02-scale codebooks

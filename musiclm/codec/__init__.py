@@ -1,14 +1,15 @@
 """Acoustic tokenizers: the :class:`AcousticTokenizer` protocol and its implementations.
 
 ``EncodecTokenizer`` wraps transformers ``EncodecModel`` (hub id or local directory); our own
-SoundStream (``type: soundstream``, ``model: <dir>``) implements the same protocol. ``build_acoustic(cfg)`` builds one from a config section
-such as ``{"type": "encodec", "model": "facebook/encodec_24khz", "bandwidth": 6.0}``: ``type`` names a
+SoundStream (``type: soundstream``, ``model: <dir>``) implements the same protocol.
+``build_acoustic(cfg)`` builds one from a config section such as
+``{"type": "encodec", "model": "facebook/encodec_24khz", "bandwidth": 6.0}``: ``type`` names a
 builder registered with :func:`register_acoustic` (a new codec adds one entry).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..registry import Registry
 from .base import AcousticTokenizer

@@ -27,8 +27,15 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 __all__ = [
-    "DEFAULT_LOSS_WEIGHTS", "MultiScaleMelLoss", "MultiScaleSTFTDiscriminator", "feature_matching_loss",
-    "hinge_d_loss", "hinge_g_loss", "log_mel", "mel_distance", "si_snr",
+    "DEFAULT_LOSS_WEIGHTS",
+    "MultiScaleMelLoss",
+    "MultiScaleSTFTDiscriminator",
+    "feature_matching_loss",
+    "hinge_d_loss",
+    "hinge_g_loss",
+    "log_mel",
+    "mel_distance",
+    "si_snr",
 ]
 
 DEFAULT_LOSS_WEIGHTS = {"mel": 15.0, "l1": 0.1, "adv": 1.0, "feat": 2.0, "commit": 0.25}
@@ -37,8 +44,9 @@ DEFAULT_LOSS_WEIGHTS = {"mel": 15.0, "l1": 0.1, "adv": 1.0, "feat": 2.0, "commit
 def _mel_fb(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None) -> torch.Tensor:
     import torchaudio.functional as AF
 
-    return AF.melscale_fbanks(n_fft // 2 + 1, fmin, float(fmax or sample_rate / 2), n_mels, sample_rate,
-                              norm="slaney", mel_scale="slaney")  # [n_freqs, n_mels]
+    return AF.melscale_fbanks(
+        n_fft // 2 + 1, fmin, float(fmax or sample_rate / 2), n_mels, sample_rate, norm="slaney", mel_scale="slaney"
+    )  # [n_freqs, n_mels]
 
 
 def _windows(sample_rate: int) -> list[int]:
@@ -56,7 +64,7 @@ def log_mel(wav: torch.Tensor, fb: torch.Tensor, n_fft: int, hop: int) -> torch.
     """``[B, T]`` -> log10 mel ``[B, n_mels, frames]`` (power 2, clamped at 1e-5)."""
     window = torch.hann_window(n_fft, device=wav.device, dtype=wav.dtype)
     spec = torch.stft(wav, n_fft, hop, window=window, return_complex=True, center=True, pad_mode="reflect")
-    power = spec.real ** 2 + spec.imag ** 2
+    power = spec.real**2 + spec.imag**2
     mel = torch.einsum("bft,fm->bmt", power, fb.to(wav.dtype))
     return torch.log10(mel.clamp_min(1e-5))
 
@@ -82,8 +90,9 @@ class MultiScaleMelLoss(nn.Module):
         return self.per_example(x, y).mean()
 
 
-def mel_distance(x: torch.Tensor, y: torch.Tensor, sample_rate: int, max_hz: float | None = None,
-                 n_fft: int = 2048) -> torch.Tensor:
+def mel_distance(
+    x: torch.Tensor, y: torch.Tensor, sample_rate: int, max_hz: float | None = None, n_fft: int = 2048
+) -> torch.Tensor:
     """``[B]`` log10-mel L1 at one resolution (``n_fft`` at 24 kHz, scaled), optionally only the mel
     bands below ``max_hz`` (e.g. 150 Hz: kick and 808)."""
     n_fft = 2 ** int(round(math.log2(n_fft * sample_rate / 24000)))
@@ -117,19 +126,20 @@ class STFTDiscriminator(nn.Module):
         super().__init__()
         self.n_fft, self.hop = n_fft, hop
         c = channels
-        self.convs = nn.ModuleList([
-            weight_norm(nn.Conv2d(2, c, (3, 9), padding=(1, 4))),
-            weight_norm(nn.Conv2d(c, c, (3, 9), stride=(1, 2), dilation=(1, 1), padding=(1, 4))),
-            weight_norm(nn.Conv2d(c, c, (3, 9), stride=(1, 2), dilation=(2, 1), padding=(2, 4))),
-            weight_norm(nn.Conv2d(c, c, (3, 9), stride=(1, 2), dilation=(4, 1), padding=(4, 4))),
-            weight_norm(nn.Conv2d(c, c, (3, 3), padding=(1, 1))),
-        ])
+        self.convs = nn.ModuleList(
+            [
+                weight_norm(nn.Conv2d(2, c, (3, 9), padding=(1, 4))),
+                weight_norm(nn.Conv2d(c, c, (3, 9), stride=(1, 2), dilation=(1, 1), padding=(1, 4))),
+                weight_norm(nn.Conv2d(c, c, (3, 9), stride=(1, 2), dilation=(2, 1), padding=(2, 4))),
+                weight_norm(nn.Conv2d(c, c, (3, 9), stride=(1, 2), dilation=(4, 1), padding=(4, 4))),
+                weight_norm(nn.Conv2d(c, c, (3, 3), padding=(1, 1))),
+            ]
+        )
         self.out = weight_norm(nn.Conv2d(c, 1, (3, 3), padding=(1, 1)))
 
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         window = torch.hann_window(self.n_fft, device=wav.device, dtype=wav.dtype)
-        spec = torch.stft(wav, self.n_fft, self.hop, window=window, return_complex=True, center=True,
-                          normalized=True)
+        spec = torch.stft(wav, self.n_fft, self.hop, window=window, return_complex=True, center=True, normalized=True)
         x = torch.stack([spec.real, spec.imag], 1).transpose(2, 3)  # [B, 2, frames, freqs]
         feats = []
         for conv in self.convs:

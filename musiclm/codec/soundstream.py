@@ -71,12 +71,28 @@ _BASE = {
 }
 
 SOUNDSTREAM_PRESETS: dict[str, dict] = {
-    "tiny": {"sample_rate": 8000, "channels": 4, "dim": 16, "strides": [4, 5, 8], "residual_kernel": 3,
-             "levels": 4, "codebook_size": 64, "coarse_levels": 2, "dead_code_threshold": 0.5,
-             "kmeans_iters": 10},
+    "tiny": {
+        "sample_rate": 8000,
+        "channels": 4,
+        "dim": 16,
+        "strides": [4, 5, 8],
+        "residual_kernel": 3,
+        "levels": 4,
+        "codebook_size": 64,
+        "coarse_levels": 2,
+        "dead_code_threshold": 0.5,
+        "kmeans_iters": 10,
+    },
     "demo": {},
-    "paper": {"channels": 32, "dim": 128, "strides": [2, 4, 6, 10], "levels": 12, "codebook_size": 1024,
-              "coarse_levels": 4, "kmeans_init_batches": 4},
+    "paper": {
+        "channels": 32,
+        "dim": 128,
+        "strides": [2, 4, 6, 10],
+        "levels": 12,
+        "codebook_size": 1024,
+        "coarse_levels": 4,
+        "kmeans_init_batches": 4,
+    },
 }
 
 
@@ -97,8 +113,10 @@ def resolve_soundstream_config(cfg: dict | None = None) -> dict:
     out["dilations"] = [int(d) for d in out["dilations"]]
     hop = int(np.prod(out["strides"]))
     if out["sample_rate"] % hop:
-        raise ValueError(f"sample_rate {out['sample_rate']} is not a multiple of the hop {hop} (strides "
-                         f"{out['strides']}): the frame rate must be an integer")
+        raise ValueError(
+            f"sample_rate {out['sample_rate']} is not a multiple of the hop {hop} (strides "
+            f"{out['strides']}): the frame rate must be an integer"
+        )
     if not 1 <= int(out["coarse_levels"]) <= int(out["levels"]):
         raise ValueError("coarse_levels must be in 1..levels")
     return out
@@ -137,8 +155,12 @@ class CausalConvTranspose1d(nn.Module):
 class ResidualUnit(nn.Module):
     def __init__(self, channels: int, kernel: int, dilation: int):
         super().__init__()
-        self.block = nn.Sequential(nn.ELU(), CausalConv1d(channels, channels, kernel, dilation=dilation),
-                                   nn.ELU(), CausalConv1d(channels, channels, 1))
+        self.block = nn.Sequential(
+            nn.ELU(),
+            CausalConv1d(channels, channels, kernel, dilation=dilation),
+            nn.ELU(),
+            CausalConv1d(channels, channels, 1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.block(x)
@@ -195,10 +217,16 @@ class SoundStream(nn.Module):
         self.codebook_size = int(c["codebook_size"])
         self.encoder = Encoder(c)
         self.quantizer = ResidualVQ(
-            int(c["dim"]), self.levels, self.codebook_size, ema_decay=c["ema_decay"],
-            kmeans_init=bool(c["kmeans_init"]), kmeans_init_batches=int(c["kmeans_init_batches"]),
-            kmeans_iters=int(c["kmeans_iters"]), dead_code_threshold=float(c["dead_code_threshold"]),
-            quantizer_dropout=float(c["quantizer_dropout"]))
+            int(c["dim"]),
+            self.levels,
+            self.codebook_size,
+            ema_decay=c["ema_decay"],
+            kmeans_init=bool(c["kmeans_init"]),
+            kmeans_init_batches=int(c["kmeans_init_batches"]),
+            kmeans_iters=int(c["kmeans_iters"]),
+            dead_code_threshold=float(c["dead_code_threshold"]),
+            quantizer_dropout=float(c["quantizer_dropout"]),
+        )
         self.decoder = Decoder(c)
 
     def num_frames(self, num_samples: int) -> int:
@@ -245,8 +273,15 @@ class SoundStreamTokenizer:
     WEIGHTS = "model.safetensors"
     CONFIG = "config.json"
 
-    def __init__(self, path: str | os.PathLike | None = None, *, model: SoundStream | None = None,
-                 device: str | torch.device = "cpu", levels: int | None = None, max_batch: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        model: SoundStream | None = None,
+        device: str | torch.device = "cpu",
+        levels: int | None = None,
+        max_batch: int | None = None,
+    ):
         if (path is None) == (model is None):
             raise ValueError("pass a model directory or model=")
         self.model_dir = os.fspath(path) if path is not None else None
@@ -278,7 +313,7 @@ class SoundStreamTokenizer:
         if n == 0 or b == 0:
             return torch.zeros(b, self.levels, n, dtype=torch.long)
         step = self.max_batch or b
-        out = [self.model.encode(wav[i: i + step].to(self.device), self.levels).cpu() for i in range(0, b, step)]
+        out = [self.model.encode(wav[i : i + step].to(self.device), self.levels).cpu() for i in range(0, b, step)]
         return torch.cat(out).long()
 
     @torch.inference_mode()
@@ -295,8 +330,9 @@ class SoundStreamTokenizer:
         if n == 0 or b == 0:
             return torch.zeros(b, 0)
         step = self.max_batch or b
-        return torch.cat([self.model.decode(codes[i: i + step].to(self.device)).float().cpu()
-                          for i in range(0, b, step)])
+        return torch.cat(
+            [self.model.decode(codes[i : i + step].to(self.device)).float().cpu() for i in range(0, b, step)]
+        )
 
     def config(self) -> dict:
         return {"type": "soundstream", "levels": self.levels, "model_config": _public_config(self.model.cfg)}
@@ -304,8 +340,16 @@ class SoundStreamTokenizer:
     def fingerprint(self) -> dict:
         if self._weights_sha is None:
             self._weights_sha = state_dict_sha256(self.model)
-        return make_fingerprint("acoustic", self.name, self.config(), self._weights_sha, self.sample_rate,
-                                frame_rate=self.frame_rate, levels=self.levels, codebook_size=self.codebook_size)
+        return make_fingerprint(
+            "acoustic",
+            self.name,
+            self.config(),
+            self._weights_sha,
+            self.sample_rate,
+            frame_rate=self.frame_rate,
+            levels=self.levels,
+            codebook_size=self.codebook_size,
+        )
 
     def save(self, directory: str | os.PathLike) -> str:
         return save_soundstream(self.model, directory)

@@ -56,20 +56,50 @@ import numpy as np
 import torch
 
 from musiclm.codec.losses import (
-    DEFAULT_LOSS_WEIGHTS, MultiScaleMelLoss, MultiScaleSTFTDiscriminator, discriminator_accuracy,
-    feature_matching_loss, hinge_d_loss, hinge_g_loss, log_mel, mel_distance, si_snr, _mel_fb,
+    DEFAULT_LOSS_WEIGHTS,
+    MultiScaleMelLoss,
+    MultiScaleSTFTDiscriminator,
+    _mel_fb,
+    discriminator_accuracy,
+    feature_matching_loss,
+    hinge_d_loss,
+    hinge_g_loss,
+    log_mel,
+    mel_distance,
+    si_snr,
 )
 from musiclm.codec.soundstream import SoundStream, resolve_soundstream_config
 from musiclm.train.spec import TrainSpec, register_train_spec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SPEC", "build_example", "build_model", "collate", "custom_step", "eval_outputs", "eval_step",
-           "eval_summary", "loss", "model_config", "skipped_samples"]
+__all__ = [
+    "SPEC",
+    "build_example",
+    "build_model",
+    "collate",
+    "custom_step",
+    "eval_outputs",
+    "eval_step",
+    "eval_summary",
+    "loss",
+    "model_config",
+    "skipped_samples",
+]
 
-DEFAULTS = {"crop_seconds": 1.0, "min_seconds": 0.25, "adversarial": True, "adversarial_after": 0,
-            "disc_channels": 32, "d_lr_scale": 1.0, "loss": dict(DEFAULT_LOSS_WEIGHTS), "media_clips": 2,
-            "skip_log": None, "inject_nan_at_step": None, "inject_nan_rank": 0}
+DEFAULTS = {
+    "crop_seconds": 1.0,
+    "min_seconds": 0.25,
+    "adversarial": True,
+    "adversarial_after": 0,
+    "disc_channels": 32,
+    "d_lr_scale": 1.0,
+    "loss": dict(DEFAULT_LOSS_WEIGHTS),
+    "media_clips": 2,
+    "skip_log": None,
+    "inject_nan_at_step": None,
+    "inject_nan_rank": 0,
+}
 
 _LOCK = threading.Lock()
 _SKIPPED: list[dict] = []
@@ -111,8 +141,12 @@ def _mel_loss(sample_rate: int) -> MultiScaleMelLoss:
 
 
 def _record_skip(sample: dict, reason: str, cfg: dict) -> None:
-    rec = {"key": sample.get("__key__"), "url": sample.get("__url__"), "reason": reason,
-           "rank": int(os.environ.get("RANK", "0"))}
+    rec = {
+        "key": sample.get("__key__"),
+        "url": sample.get("__url__"),
+        "reason": reason,
+        "rank": int(os.environ.get("RANK", "0")),
+    }
     with _LOCK:
         if (rec["key"], rec["url"]) in _SEEN:
             return
@@ -154,8 +188,9 @@ def build_example(sample: dict, rng: np.random.Generator, cfg: dict) -> dict | N
         _record_skip(sample, "no flac entry", cfg)
         return None
     try:
-        wav, sr_in = decode_bytes(bytes(data), f"{sample.get('__key__', 'sample')}.flac", None, mono=True,
-                                  allow_silent=True)
+        wav, sr_in = decode_bytes(
+            bytes(data), f"{sample.get('__key__', 'sample')}.flac", None, mono=True, allow_silent=True
+        )
     except Exception as e:  # corrupt / truncated audio
         _record_skip(sample, f"audio does not decode: {e}", cfg)
         return None
@@ -170,7 +205,7 @@ def build_example(sample: dict, rng: np.random.Generator, cfg: dict) -> dict | N
     crop_in = int(np.ceil(crop * sr_in / sr))
     if wav.size > crop_in:
         start = int(rng.integers(0, wav.size - crop_in + 1))
-        wav = wav[start: start + crop_in]
+        wav = wav[start : start + crop_in]
     x = torch.from_numpy(np.ascontiguousarray(wav))
     if sr_in != sr:
         x = resample(x, int(sr_in), sr)
@@ -186,9 +221,11 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
     examples = [e for e in examples if e is not None]
     if not examples:
         raise ValueError("codec collate: empty batch")
-    return {"wav": torch.stack([e["wav"] for e in examples]),
-            "length": torch.as_tensor([e["length"] for e in examples], dtype=torch.long),
-            "bpm": torch.as_tensor([e["bpm"] for e in examples], dtype=torch.float32)}
+    return {
+        "wav": torch.stack([e["wav"] for e in examples]),
+        "length": torch.as_tensor([e["length"] for e in examples], dtype=torch.long),
+        "bpm": torch.as_tensor([e["bpm"] for e in examples], dtype=torch.float32),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,8 +236,14 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
 def build_model(cfg: dict) -> SoundStream:
     stage_cfg(cfg)  # refuse bad keys before any work
     model = SoundStream(cfg.get("model") or {})
-    log.info("codec: SoundStream %s, %.2fM parameters, %d Hz frames, %d levels x %d codes",
-             model.cfg["preset"], model.num_params() / 1e6, model.frame_rate, model.levels, model.codebook_size)
+    log.info(
+        "codec: SoundStream %s, %.2fM parameters, %d Hz frames, %d levels x %d codes",
+        model.cfg["preset"],
+        model.num_params() / 1e6,
+        model.frame_rate,
+        model.levels,
+        model.codebook_size,
+    )
     return model
 
 
@@ -258,15 +301,24 @@ def custom_step(trainer, batch: dict):
     disc = _discriminator(trainer) if sc["adversarial"] else None
     adv_on = disc is not None and trainer.step >= int(sc["adversarial_after"])
     snapshot = {k: v.detach().clone() for k, v in rvq.named_buffers()}
-    if sc["inject_nan_at_step"] is not None and int(sc["inject_nan_at_step"]) == trainer.step + 1 \
-            and trainer.rank == int(sc["inject_nan_rank"]):
+    if (
+        sc["inject_nan_at_step"] is not None
+        and int(sc["inject_nan_at_step"]) == trainer.step + 1
+        and trainer.rank == int(sc["inject_nan_rank"])
+    ):
         batch = dict(batch, wav=batch["wav"] * float("nan"))
 
     out = gen(batch["wav"])
     recon, wav = out["recon"], out["wav"]
     nan = torch.tensor(float("nan"))
-    metrics: dict[str, Any] = {"loss/disc": torch.zeros(()), "disc_accuracy": nan, "loss/adv": torch.zeros(()),
-                               "loss/feat": torch.zeros(()), "skipped/disc": 0.0, "skipped/generator": 0.0}
+    metrics: dict[str, Any] = {
+        "loss/disc": torch.zeros(()),
+        "disc_accuracy": nan,
+        "loss/adv": torch.zeros(()),
+        "loss/feat": torch.zeros(()),
+        "skipped/disc": 0.0,
+        "skipped/generator": 0.0,
+    }
 
     # discriminator step (hinge) on the real batch and the detached reconstruction
     if adv_on:
@@ -336,8 +388,7 @@ def eval_step(model: Any, batch: dict, cfg: dict) -> tuple[torch.Tensor, dict]:
     sr = model_cfg(cfg)["sample_rate"]
     out = model(batch["wav"])
     mel = _mel_loss(sr)(out["recon"], out["wav"])
-    return mel, {"si_snr": si_snr(out["recon"], out["wav"]).mean(),
-                 "l1": (out["recon"] - out["wav"]).abs().mean()}
+    return mel, {"si_snr": si_snr(out["recon"], out["wav"]).mean(), "l1": (out["recon"] - out["wav"]).abs().mean()}
 
 
 def _level_counts(mc: dict) -> dict[str, int]:
@@ -372,7 +423,7 @@ def _spectrogram_image(orig: torch.Tensor, recon: torch.Tensor, sr: int) -> np.n
     lo, hi = float(a.max()) - 6.0, float(a.max())
     img = torch.cat([a, torch.full((2, a.shape[1]), lo), b], 0)
     img = ((img - lo) / (hi - lo)).clamp(0, 1).numpy()
-    return np.stack([img, img ** 2, 1 - img])  # a simple colour map without matplotlib
+    return np.stack([img, img**2, 1 - img])  # a simple colour map without matplotlib
 
 
 def _log_media() -> None:
@@ -387,8 +438,9 @@ def _log_media() -> None:
         writer.add_audio(f"eval_audio/clip_{i}/reconstruction", (recon[i] / peak)[None], trainer.step, sample_rate=sr)
         if trainer.step <= 0 or not getattr(trainer, "_codec_originals_logged", False):
             writer.add_audio(f"eval_audio/clip_{i}/original", wav[i][None], trainer.step, sample_rate=sr)
-        writer.add_image(f"eval_spectrogram/clip_{i}", _spectrogram_image(wav[i], recon[i], sr), trainer.step,
-                         dataformats="CHW")
+        writer.add_image(
+            f"eval_spectrogram/clip_{i}", _spectrogram_image(wav[i], recon[i], sr), trainer.step, dataformats="CHW"
+        )
     trainer._codec_originals_logged = True
     writer.flush()
 
@@ -423,9 +475,23 @@ def model_config(cfg: dict) -> dict:
     return {"kind": "musiclm.soundstream", "model": model_cfg(cfg)}
 
 
-SPEC = register_train_spec(TrainSpec(
-    name="codec", data_kind="audio", build_model=build_model, build_example=build_example, collate=collate,
-    loss=loss, custom_step=custom_step, config_keys=("model", "codec"), eval_step=eval_step,
-    count_tokens=count_tokens, flops_per_token=flops_per_token, model_config=model_config,
-    eval_outputs=eval_outputs, eval_summary=eval_summary,
-    description="SoundStream codec: generator + MS-STFT discriminator (musiclm.codec)"), overwrite=True)
+SPEC = register_train_spec(
+    TrainSpec(
+        name="codec",
+        data_kind="audio",
+        build_model=build_model,
+        build_example=build_example,
+        collate=collate,
+        loss=loss,
+        custom_step=custom_step,
+        config_keys=("model", "codec"),
+        eval_step=eval_step,
+        count_tokens=count_tokens,
+        flops_per_token=flops_per_token,
+        model_config=model_config,
+        eval_outputs=eval_outputs,
+        eval_summary=eval_summary,
+        description="SoundStream codec: generator + MS-STFT discriminator (musiclm.codec)",
+    ),
+    overwrite=True,
+)
