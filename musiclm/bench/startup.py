@@ -40,10 +40,9 @@ def _deepspeed_bin() -> str:
 
 
 def _demo_tokens() -> dict:
-    import yaml
+    from musiclm.config import load_config
 
-    with open(os.path.join(ROOT, "launch", "configs", "semantic.yaml")) as f:
-        return yaml.safe_load(f)["tokens"]
+    return load_config(os.path.join(ROOT, "launch", "configs", "semantic.yaml"))["tokens"]
 
 
 def _launch(stage: str, procs: int, shards: str, run_dir: str, env: dict, timeout: float) -> dict:

@@ -506,7 +506,7 @@ class Trainer:
 
     def train_loop(self) -> int:
         split_every = self.train.split_every if self.spec.eval_outputs is not None else 0
-        last_split_eval = None
+        last_split_eval = last_eval = None
         stop_reason = None
         pbar = self._progress_bar()
         self.perf = {"time": 0.0, "wait": 0.0, "tokens": 0.0, "samples": 0.0}
@@ -523,6 +523,7 @@ class Trainer:
                     self._log_startup()
                 if self.train.eval_every and self.step % self.train.eval_every == 0 and self.eval_urls:
                     self.log_eval(self.evaluate())
+                    last_eval = self.step
                 if split_every and self.step % split_every == 0 and self.eval_urls:
                     self._split_eval()
                     last_split_eval = self.step
@@ -541,6 +542,8 @@ class Trainer:
                     break
             if self.last_saved != self.step:
                 self.checkpoint(self.step)
+            if self.train.eval_every and self.eval_urls and last_eval != self.step and stop_reason != "signal":
+                self.log_eval(self.evaluate())  # a run stopped by its budget still ends with an eval
             if split_every and last_split_eval != self.step and self.eval_urls and stop_reason != "signal":
                 self._split_eval()
             if self.train.probe_logits and self.eval_urls:
