@@ -122,6 +122,12 @@ def _eval_tempo(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _eval_codec(args: argparse.Namespace) -> int:
+    from musiclm.eval.codec import run_from_args
+
+    return run_from_args(args)
+
+
 # --- benchmarks ------------------------------------------------------------------------------
 
 
@@ -218,9 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     from musiclm.eval import tempo
 
     tempo.add_arguments(p)
+    p = add("codec", _eval_codec, "codec reconstruction per level count vs EnCodec and low-pass baselines", ev_sub)
+    from musiclm.eval import codec as codec_eval
+
+    codec_eval.add_arguments(p)
 
     p = add("bench", _bench, "benchmarks, printed as JSON")
-    p.add_argument("part", choices=["shards", "tokenize", "train", "startup", "lm", "scaling"])
+    p.add_argument("part", choices=["shards", "tokenize", "train", "startup", "lm", "scaling", "codec"])
     p.add_argument(
         "--set",
         nargs="+",

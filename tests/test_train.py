@@ -133,8 +133,8 @@ def test_zero3_coarse_learns_and_tensorboard(run_z3, shards):
 def test_zero3_export_matches_live_logits(run_z3, tmp_path):
     from safetensors.torch import load_file
 
+    from musiclm.lm import load_stage_model
     from musiclm.train.export import export
-    from musiclm.train.lm_stages import load_stage_model
 
     out = tmp_path / "coarse.safetensors"
     info = export(run_z3, str(out))

@@ -342,11 +342,11 @@ def evaluate_tempo(
     if model:
         import torch
 
+        from musiclm.lm.model import load_stage_model
         from musiclm.lm.stages import get_stage
         from musiclm.mulan.mulan_embedder import MuLaNEmbedder
         from musiclm.quantize import MuLaNEmbedQuantizer
-        from musiclm.train.export import load_exported
-        from musiclm.train.lm_stages import load_stage_model
+        from musiclm.weights import load_exported
 
         if not (mulan and quantizer):
             raise ValueError("generation needs --mulan (text embeddings) and --quantizer (conditioning tokens)")

@@ -1,6 +1,6 @@
 """The stage language models: one transformer class (model.py), stage sequence layouts (stages.py)."""
 
-from .model import PRESETS, KVCache, Transformer, TransformerConfig
+from .model import PRESETS, KVCache, Transformer, TransformerConfig, load_stage_model
 from .stages import (
     BOS,
     DEMO_WINDOWS,
@@ -21,6 +21,7 @@ __all__ = [
     "KVCache",
     "Transformer",
     "TransformerConfig",
+    "load_stage_model",
     "Stage",
     "TokenLayout",
     "get_stage",

@@ -355,3 +355,14 @@ class Transformer(nn.Module):
             return torch.cat(out, dim=1) if out else prefix.new_zeros(B, 0)
         finally:
             self.train(was_training)
+
+
+def load_stage_model(weights: str, config: dict | str | None = None, map_location="cpu") -> Transformer:
+    """A stage Transformer from exported weights (``musiclm export``): safetensors (or a ``.pt`` read
+    with ``weights_only=True``) plus the config JSON written beside it."""
+    from musiclm.weights import load_exported
+
+    state, meta = load_exported(weights, config)
+    model = Transformer(TransformerConfig.from_dict(meta["model"]))
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location)

@@ -100,7 +100,7 @@ def load_mulan(path: str, *, map_location: str | torch.device = "cpu") -> MuLaN:
 
     path = os.fspath(path)
     if os.path.isfile(path):  # an export: X.safetensors + X.json
-        from musiclm.train.export import load_exported
+        from musiclm.weights import load_exported
 
         state, meta = load_exported(path)
         base_dir = os.path.dirname(os.path.abspath(path))

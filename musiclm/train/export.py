@@ -11,22 +11,22 @@ and writes
   ``{"kind": "musiclm.stage_lm", "stage", "model": TransformerConfig, "tokens", "window_seconds",
   "layout", "step", "fingerprints", "fingerprint_hash", "source"}``.
 
-Loaders of our weights read safetensors (``load_exported``) or ``torch.load(weights_only=True)``.
+The format (write and read) lives in the neutral :mod:`musiclm.weights`, so models, MuLaN, codec,
+eval and generation load exported weights without importing this package (or DeepSpeed).
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import torch
 
-from musiclm.data import storage
+from musiclm.weights import load_exported, write_exported
 
 from . import checkpoint as ckpt
 
-__all__ = ["export", "load_exported", "consolidated_state_dict"]
+__all__ = ["export", "load_exported", "consolidated_state_dict"]  # load_exported: from musiclm.weights
 
 
 def consolidated_state_dict(tag_dir: str, engine_name: str = ckpt.MAIN_ENGINE) -> dict[str, torch.Tensor]:
@@ -89,13 +89,8 @@ def export(run_dir: str, out_path: str, tag: str | None = None) -> dict:
             ),
         }
     )
-    from safetensors.torch import save_file
-
     out_path = os.fspath(out_path)
-    with storage.atomic_path(out_path) as tmp:
-        save_file(tensors, tmp, metadata={"musiclm_config": json.dumps(meta, default=str), "format": "pt"})
-    cfg_path = os.path.splitext(out_path)[0] + ".json"
-    storage.write_json_atomic(cfg_path, meta, indent=1, default=str)
+    cfg_path = write_exported(tensors, meta, out_path)
     return {
         "weights": out_path,
         "config": cfg_path,
@@ -104,35 +99,3 @@ def export(run_dir: str, out_path: str, tag: str | None = None) -> dict:
         "tensors": len(tensors),
         "num_params": meta["num_params"],
     }
-
-
-def load_exported(weights: str, config: dict | str | None = None) -> tuple[dict, dict]:
-    """(state dict, config dict) from exported weights. safetensors, or a ``.pt``/``.bin`` read with
-    ``torch.load(weights_only=True)``. The config: ``config`` (dict or JSON path), else the JSON
-    beside the weights, else the safetensors metadata."""
-    weights = os.fspath(weights)
-    meta: dict | None = None
-    if weights.endswith(".safetensors"):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        state = load_file(weights)
-        with safe_open(weights, "pt") as f:
-            md = f.metadata() or {}
-        if "musiclm_config" in md:
-            meta = json.loads(md["musiclm_config"])
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    if isinstance(config, dict):
-        meta = config
-    elif isinstance(config, str):
-        with open(config) as f:
-            meta = json.load(f)
-    elif os.path.isfile(os.path.splitext(weights)[0] + ".json"):
-        with open(os.path.splitext(weights)[0] + ".json") as f:
-            meta = json.load(f)
-    if meta is None:
-        raise FileNotFoundError(
-            f"no config for {weights}: pass config= or put {os.path.splitext(weights)[0]}.json beside it"
-        )
-    return state, meta

@@ -107,17 +107,4 @@ for _name in STAGES:
     register_train_spec(_make_spec(_name), overwrite=True)
 
 
-def load_stage_model(weights: str, config: dict | str | None = None, map_location="cpu") -> Transformer:
-    """A Transformer from exported weights (``musiclm export``): safetensors (or a ``.pt`` read with
-    ``weights_only=True``) plus the config JSON written beside it."""
-    from .export import load_exported
-
-    state, meta = load_exported(weights, config)
-    from musiclm.lm.model import TransformerConfig
-
-    model = Transformer(TransformerConfig.from_dict(meta["model"]))
-    model.load_state_dict(state, strict=True)
-    return model.to(map_location)
-
-
-__all__ = ["stage_for", "model_config_for", "load_stage_model"]
+__all__ = ["stage_for", "model_config_for"]
