@@ -1,0 +1,514 @@
+"""``musiclm eval codec``: how well does an acoustic codec reconstruct held-out audio?
+
+For a codec model directory loaded through the acoustic registry (``type: soundstream`` by
+default: :func:`musiclm.codec.build_acoustic`) and the held-out split of an AUDIO shard folder
+(flac + json per sample, as ``ray_jobs/pack_audio.py`` writes), every sample is decoded, resampled
+to the codec's sample rate (everything is measured at that rate), encoded once with all levels and
+decoded with the first ``k`` levels for ``k`` in {1, coarse, all} (one model serves every bitrate:
+quantizer dropout). Per row of the table, means over the clips of:
+
+* ``si_snr_db``: scale-invariant SNR (:func:`musiclm.codec.losses.si_snr`);
+* ``mel_ms``: the multi-scale log-mel L1 of training (:class:`musiclm.codec.losses.MultiScaleMelLoss`);
+* ``mel_l1`` / ``mel_l1_below_150hz``: log10-mel L1 at one resolution (2048 at 24 kHz), all bands
+  and only the bands below 150 Hz, where kick and 808 live (:func:`musiclm.codec.losses.mel_distance`);
+* ``bitrate_bps``: levels x log2(codebook size) x frame rate;
+* ``tempo_kept``: where the samples carry a ``bpm`` tag (the demo corpus does), the share of clips
+  whose reconstruction's tempo (:func:`musiclm.data.music_analysis.estimate_tempo`, search range
+  57-114 BPM, which holds the demo corpus's 60-110) is within 4 % of the tag; octave errors count
+  as misses. ``tempo.original_share`` is the same estimator on the original clips (its ceiling).
+
+Baselines, same metrics on the same clips at the codec's rate:
+
+* ``encodec``: transformers' ``EncodecModel`` 24 kHz (``--encodec random``: the real
+  configuration with random weights, :func:`musiclm.codec.encodec.random_encodec_24khz`, what
+  ``make demo`` tokenized with before our codec; a hub id or a directory with real weights; or
+  ``none``), decoded with the number of its levels whose bitrate is nearest to each codec row's
+  (75 Hz x 10 bits = 750 bps per level; the row states the bitrate it got). The clip is resampled
+  to 24 kHz and the reconstruction back to the codec's rate.
+* ``lowpass_4khz`` / ``lowpass_8khz``: the clip itself with everything above the cut-off removed
+  (an FFT brick-wall mask): a telephone-band and a narrow-band copy, a reference anyone can hear.
+  A cut-off at or above the codec's Nyquist frequency is skipped (listed in ``skipped``).
+
+Writes ``codec_eval.json`` (rows with per-clip values), ``codec_eval.md`` (the table) and
+``codec_eval.png`` (log-mel spectrograms of the first clip: original, the codec with all levels,
+EnCodec at the nearest bitrate, the 4 kHz low-pass) to ``--out`` and prints the table::
+
+    musiclm eval codec --model models/codec-demo --data shards/rapbeats/audio --out runs/eval_codec
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "METRICS",
+    "add_arguments",
+    "clip_metrics",
+    "evaluate_codec",
+    "format_table",
+    "level_counts",
+    "load_clips",
+    "lowpass",
+    "main",
+    "run_from_args",
+    "tempo_kept",
+]
+
+METRICS = ("si_snr_db", "mel_ms", "mel_l1", "mel_l1_below_150hz")
+TEMPO_TOLERANCE = 0.04
+ENCODEC_RATE = 24000
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def lowpass(wav: torch.Tensor, sample_rate: int, cutoff_hz: float) -> torch.Tensor:
+    """``[..., T]`` with every frequency above ``cutoff_hz`` removed (FFT brick-wall mask)."""
+    spec = torch.fft.rfft(wav.double(), dim=-1)
+    freqs = torch.fft.rfftfreq(wav.shape[-1], 1.0 / sample_rate)
+    spec[..., freqs > float(cutoff_hz)] = 0
+    return torch.fft.irfft(spec, n=wav.shape[-1], dim=-1).to(wav.dtype)
+
+
+def clip_metrics(reference: torch.Tensor, estimate: torch.Tensor, sample_rate: int, mel_loss=None) -> dict:
+    """Per-example metrics of ``estimate`` against ``reference`` (``[B, T]``, trimmed to the shorter):
+    ``{name: float tensor [B]}`` for the names in :data:`METRICS`."""
+    from musiclm.codec.losses import MultiScaleMelLoss, mel_distance, si_snr
+
+    ref, est = torch.atleast_2d(reference).float(), torch.atleast_2d(estimate).float()
+    n = min(ref.shape[-1], est.shape[-1])
+    ref, est = ref[..., :n], est[..., :n]
+    mel_loss = mel_loss if mel_loss is not None else MultiScaleMelLoss(sample_rate)
+    return {
+        "si_snr_db": si_snr(est, ref),
+        "mel_ms": mel_loss.per_example(est, ref),
+        "mel_l1": mel_distance(est, ref, sample_rate),
+        "mel_l1_below_150hz": mel_distance(est, ref, sample_rate, max_hz=150.0),
+    }
+
+
+def level_counts(levels: int, coarse: int | None) -> list[tuple[str, int]]:
+    """``[(name, k)]`` for 1, coarse and all levels; a count already listed is named once
+    (``"1=coarse"``, ``"coarse=all"``), so a 1-level model has the one row ``"1=all"``."""
+    levels = int(levels)
+    coarse = min(max(1, int(coarse if coarse is not None else min(4, levels))), levels)
+    out: list[tuple[str, int]] = []
+    for name, k in (("1", 1), ("coarse", coarse), ("all", levels)):
+        for i, (n, kk) in enumerate(out):
+            if kk == k:
+                out[i] = (f"{n}={name}", k)
+                break
+        else:
+            out.append((name, k))
+    return out
+
+
+def tempo_kept(wav: np.ndarray, sample_rate: int, bpm: float | None) -> bool | None:
+    """Whether the estimated tempo of ``wav`` is within 4 % of ``bpm`` (no octave folding); None
+    without a tag."""
+    from musiclm.data.music_analysis import estimate_tempo
+
+    if bpm is None or not math.isfinite(float(bpm)):
+        return None
+    est = estimate_tempo(np.asarray(wav, dtype=np.float32), int(sample_rate))
+    return bool(math.isfinite(est) and abs(est - float(bpm)) <= TEMPO_TOLERANCE * float(bpm))
+
+
+def _bpm_of(js: dict) -> float | None:
+    if not isinstance(js, dict):
+        return None
+    bpm = js.get("bpm", (js.get("tags") or {}).get("bpm"))
+    return float(bpm) if isinstance(bpm, (int, float)) else None
+
+
+def load_clips(
+    data: Any,
+    split: str = "eval",
+    sample_rate: int | None = None,
+    max_clips: int | None = None,
+    seconds: float | None = None,
+) -> list[dict]:
+    """Samples of an audio shard folder (or shard URLs): ``{"id", "wav" float32 [T], "sample_rate",
+    "bpm"}`` in shard order, resampled to ``sample_rate`` (None: kept), at most ``seconds`` long."""
+    from musiclm.audio import decode_bytes, resample
+    from musiclm.data.shards import shard_reader
+
+    clips: list[dict] = []
+    for s in shard_reader(data, split, shuffle=0, rank=0, world_size=1):
+        if max_clips and len(clips) >= int(max_clips):
+            break
+        key = str(s.get("__key__"))
+        if s.get("flac") is None:
+            log.warning("eval codec: %s has no flac entry: skipped", key)
+            continue
+        try:
+            wav, sr = decode_bytes(bytes(s["flac"]), f"{key}.flac", None, mono=True, allow_silent=True)
+        except Exception as e:  # recorded, not fatal
+            log.warning("eval codec: skipping %s: %s", key, e)
+            continue
+        if seconds:
+            wav = wav[: int(round(float(seconds) * sr))]
+        if sample_rate and sr != sample_rate:
+            wav = resample(wav, int(sr), int(sample_rate))
+            sr = int(sample_rate)
+        js = s.get("json") or {}
+        clips.append({"id": key, "wav": wav.float(), "sample_rate": int(sr), "bpm": _bpm_of(js)})
+    return clips
+
+
+# --------------------------------------------------------------------------------------------
+# the evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def _load_codec(model: Any, device: str):
+    if isinstance(model, (str, os.PathLike)):
+        from musiclm.codec import build_acoustic
+
+        return build_acoustic({"type": "soundstream", "model": os.fspath(model)}, device=device)
+    return model  # an AcousticTokenizer already built
+
+
+def _coarse_levels(tok) -> int | None:
+    cfg = getattr(getattr(tok, "model", None), "cfg", None)
+    if isinstance(cfg, dict) and "coarse_levels" in cfg:
+        return int(cfg["coarse_levels"])
+    return getattr(tok, "coarse_levels", None)
+
+
+def _bitrate(frame_rate: float, levels: int, codebook_size: int) -> float:
+    from musiclm.codec.soundstream import bitrate
+
+    return bitrate(frame_rate, levels, codebook_size)
+
+
+def _load_encodec(spec: str | None, tmp: str, needed_levels: int):
+    """EncodecTokenizer with a bandwidth covering ``needed_levels`` levels, or None."""
+    if not spec or str(spec).lower() == "none":
+        return None, None
+    from musiclm.codec import build_acoustic
+    from musiclm.codec.encodec import random_encodec_24khz
+
+    label = "encodec_random" if spec == "random" else "encodec"
+    path = random_encodec_24khz(os.path.join(tmp, "encodec_24khz")) if spec == "random" else spec
+    probe = build_acoustic({"type": "encodec", "model": path})
+    cfg = probe.hf_config
+    per_level = math.log2(cfg.codebook_size) * cfg.frame_rate
+    bws = sorted(float(b) for b in cfg.target_bandwidths)
+    bw = next((b for b in bws if math.floor(b * 1000 / per_level) >= needed_levels), bws[-1])
+    return build_acoustic({"type": "encodec", "model": path, "bandwidth": bw}), label
+
+
+def _summary(values: dict[str, list[float]], kept: list[bool]) -> dict:
+    out = {m: float(np.mean(v)) if v else float("nan") for m, v in values.items()}
+    out["tempo_kept"] = float(np.mean(kept)) if kept else None
+    out["tempo_clips"] = len(kept)
+    return out
+
+
+def evaluate_codec(
+    model: Any,
+    data: Any,
+    *,
+    split: str = "eval",
+    max_clips: int | None = None,
+    out_dir: str | None = None,
+    encodec: str | None = "random",
+    lowpass_hz: Sequence[float] = (4000.0, 8000.0),
+    seconds: float | None = None,
+    device: str = "cpu",
+    tempo: bool = True,
+    plot: bool = True,
+) -> dict:
+    """The codec table as a JSON-able dict (see the module docstring); files to ``out_dir``."""
+    from musiclm.audio import resample
+    from musiclm.codec.losses import MultiScaleMelLoss
+
+    t0 = time.time()
+    tok = _load_codec(model, device)
+    sr, hop, levels = int(tok.sample_rate), int(tok.hop_length), int(tok.levels)
+    counts = level_counts(levels, _coarse_levels(tok))
+    clips = load_clips(data, split, sample_rate=sr, max_clips=max_clips, seconds=seconds)
+    clips = [c for c in clips if c["wav"].shape[-1] >= hop]
+    if not clips:
+        raise ValueError(f"{data}: no '{split}' clip of at least one codec frame ({hop} samples at {sr} Hz)")
+    mel_loss = MultiScaleMelLoss(sr)
+    name = getattr(tok, "name", "codec")
+
+    # rows: (system, level name, k, bitrate)
+    rows: list[dict] = [
+        {"system": name, "levels": ln, "n_levels": k, "bitrate_bps": _bitrate(tok.frame_rate, k, tok.codebook_size)}
+        for ln, k in counts
+    ]
+    skipped: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="codec_eval_") as tmp:
+        enc = enc_label = None
+        if encodec and str(encodec).lower() != "none":
+            try:
+                enc_per_level = 75.0 * 10.0  # EnCodec 24 kHz: 75 Hz x 1024 codes; refined below
+                want = [max(1, round(r["bitrate_bps"] / enc_per_level)) for r in rows]
+                enc, enc_label = _load_encodec(str(encodec), tmp, max(want))
+                enc_per_level = _bitrate(enc.frame_rate, 1, enc.codebook_size)
+                for r in list(rows[: len(counts)]):
+                    k = int(min(max(1, round(r["bitrate_bps"] / enc_per_level)), enc.levels))
+                    rows.append(
+                        {
+                            "system": enc_label,
+                            "levels": f"{k} (~{r['levels']})",
+                            "n_levels": k,
+                            "bitrate_bps": _bitrate(enc.frame_rate, k, enc.codebook_size),
+                            "matches": r["levels"],
+                        }
+                    )
+            except Exception as e:  # a baseline must not stop the codec's own evaluation
+                log.warning("eval codec: EnCodec baseline skipped: %s", e)
+                skipped.append({"system": "encodec", "reason": f"{type(e).__name__}: {e}"})
+                enc = None
+        for hz in lowpass_hz:
+            if float(hz) >= sr / 2:
+                skipped.append({"system": f"lowpass_{hz / 1000:g}khz", "reason": f"cut-off >= Nyquist ({sr / 2:g} Hz)"})
+                continue
+            rows.append(
+                {
+                    "system": f"lowpass_{hz / 1000:g}khz",
+                    "levels": "-",
+                    "n_levels": None,
+                    "bitrate_bps": None,
+                    "cutoff_hz": float(hz),
+                }
+            )
+
+        values = [{m: [] for m in METRICS} for _ in rows]
+        kept: list[list[bool]] = [[] for _ in rows]
+        original_kept: list[bool] = []
+        per_clip_ids = []
+        first: dict[str, torch.Tensor] = {}
+        for ci, clip in enumerate(clips):
+            wav = clip["wav"][None]
+            n = tok.num_frames(wav.shape[-1])
+            ref = wav[:, : n * hop]
+            outs: list[torch.Tensor | None] = [None] * len(rows)
+            codes = tok.encode(ref)
+            enc_codes = None
+            for i, r in enumerate(rows):
+                if r["system"] == name:
+                    outs[i] = tok.decode(codes[:, : r["n_levels"]])
+                elif enc is not None and r["system"] == enc_label:
+                    if enc_codes is None:
+                        enc_codes = enc.encode(resample(ref, sr, ENCODEC_RATE) if sr != ENCODEC_RATE else ref)
+                    y = enc.decode(enc_codes[:, : r["n_levels"]])
+                    outs[i] = resample(y, ENCODEC_RATE, sr) if sr != ENCODEC_RATE else y
+                elif "cutoff_hz" in r:
+                    outs[i] = lowpass(ref, sr, r["cutoff_hz"])
+            for i, y in enumerate(outs):
+                if y is None:
+                    continue
+                m = clip_metrics(ref, y, sr, mel_loss)
+                for k, v in m.items():
+                    values[i][k].append(float(v[0]))
+                if tempo and clip["bpm"] is not None:
+                    kept[i].append(bool(tempo_kept(y[0].numpy(), sr, clip["bpm"])))
+            if tempo and clip["bpm"] is not None:
+                original_kept.append(bool(tempo_kept(ref[0].numpy(), sr, clip["bpm"])))
+            per_clip_ids.append(clip["id"])
+            if ci == 0:
+                first = {"original": ref[0]}
+                for i, r in enumerate(rows):
+                    if outs[i] is None:
+                        continue
+                    if r["system"] == name and r["n_levels"] == levels:
+                        first[f"{name}, {levels} levels ({r['bitrate_bps'] / 1000:.2f} kbps)"] = outs[i][0]
+                for i, r in enumerate(rows):
+                    if outs[i] is not None and r["system"] == enc_label and r.get("matches") == counts[-1][0]:
+                        first[f"{enc_label}, {r['n_levels']} levels ({r['bitrate_bps'] / 1000:.2f} kbps)"] = outs[i][0]
+                for i, r in enumerate(rows):
+                    if outs[i] is not None and r.get("cutoff_hz") == min(lowpass_hz, default=None):
+                        first[r["system"]] = outs[i][0]
+            log.info("eval codec: clip %d/%d %s", ci + 1, len(clips), clip["id"])
+
+    for i, r in enumerate(rows):
+        r.update(_summary(values[i], kept[i]))
+        r["per_clip"] = {m: values[i][m] for m in METRICS}
+    result: dict[str, Any] = {
+        "eval": "codec",
+        "model": os.fspath(model) if isinstance(model, (str, os.PathLike)) else repr(model),
+        "data": data if isinstance(data, str) else [os.fspath(d) for d in data],
+        "split": split,
+        "codec": {
+            "type": name,
+            "sample_rate": sr,
+            "frame_rate": float(tok.frame_rate),
+            "hop_length": hop,
+            "levels": levels,
+            "codebook_size": int(tok.codebook_size),
+            "level_counts": dict(counts),
+            "params": int(sum(p.numel() for p in tok.model.parameters())) if hasattr(tok, "model") else None,
+            "preset": (getattr(getattr(tok, "model", None), "cfg", {}) or {}).get("preset"),
+        },
+        "clips": len(clips),
+        "clip_ids": per_clip_ids,
+        "audio_seconds": float(sum(c["wav"].shape[-1] for c in clips) / sr),
+        "rows": rows,
+        "tempo": {
+            "clips_with_bpm": len(original_kept),
+            "tolerance": TEMPO_TOLERANCE,
+            "octave_errors": "miss",
+            "original_share": float(np.mean(original_kept)) if original_kept else None,
+        },
+        "skipped": skipped,
+    }
+    result["table"] = format_table(result)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        files = {
+            "json": os.path.join(out_dir, "codec_eval.json"),
+            "markdown": os.path.join(out_dir, "codec_eval.md"),
+        }
+        if plot and first:
+            files["png"] = plot_spectrograms(first, sr, os.path.join(out_dir, "codec_eval.png"), title=per_clip_ids[0])
+        result["files"] = files
+        result["seconds_taken"] = round(time.time() - t0, 2)
+        with open(files["markdown"], "w") as f:
+            f.write(result["table"] + "\n")
+        with open(files["json"], "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    result["seconds_taken"] = round(time.time() - t0, 2)
+    return result
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return format(v, spec)
+
+
+def format_table(result: dict) -> str:
+    """The markdown table of :func:`evaluate_codec`'s rows, with a line of context under it."""
+    c = result["codec"]
+    lines = [
+        f"Codec eval: {result['model']} ({c['type']}, {c.get('preset') or ''} {c['sample_rate']} Hz, "
+        f"{c['frame_rate']:g} Hz frames, {c['levels']} levels x {c['codebook_size']} codes) on "
+        f"{result['clips']} '{result['split']}' clips ({result['audio_seconds']:.0f} s) of {result['data']}",
+        "",
+        "| system | levels | kbps | SI-SNR dB | multi-scale mel | log-mel L1 | log-mel L1 < 150 Hz | tempo kept |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        kbps = None if r.get("bitrate_bps") is None else r["bitrate_bps"] / 1000
+        tempo = "-" if r.get("tempo_kept") is None else f"{r['tempo_kept']:.0%} of {r['tempo_clips']}"
+        lines.append(
+            f"| {r['system']} | {r['levels']} | {_fmt(kbps, '.2f')} | {_fmt(r.get('si_snr_db'), '.2f')} | "
+            f"{_fmt(r.get('mel_ms'), '.3f')} | {_fmt(r.get('mel_l1'), '.3f')} | "
+            f"{_fmt(r.get('mel_l1_below_150hz'), '.3f')} | {tempo} |"
+        )
+    t = result.get("tempo") or {}
+    lines.append("")
+    if t.get("clips_with_bpm"):
+        lines.append(
+            f"Tempo: estimate_tempo within {t['tolerance']:.0%} of the bpm tag (octave errors are misses); "
+            f"the original clips: {t['original_share']:.0%} of {t['clips_with_bpm']}."
+        )
+    else:
+        lines.append("Tempo: no bpm tags on these samples.")
+    for s in result.get("skipped") or []:
+        lines.append(f"Skipped {s['system']}: {s['reason']}.")
+    return "\n".join(lines)
+
+
+def plot_spectrograms(wavs: dict[str, torch.Tensor], sample_rate: int, path: str, title: str = "") -> str:
+    """One log-mel panel per entry (original first), stacked vertically, to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from musiclm.codec.losses import _mel_fb, log_mel
+
+    n_fft = 2 ** int(round(math.log2(1024 * sample_rate / 24000)))
+    fb = _mel_fb(sample_rate, n_fft, 80)
+    specs = {k: log_mel(v.float()[None], fb, n_fft, n_fft // 4)[0].numpy() for k, v in wavs.items()}
+    top = max(float(s.max()) for s in specs.values())
+    fig, axes = plt.subplots(len(specs), 1, figsize=(10, 2.2 * len(specs)), squeeze=False)
+    for ax, (k, s) in zip(axes[:, 0], specs.items()):
+        dur = s.shape[1] * (n_fft // 4) / sample_rate
+        ax.imshow(
+            s, origin="lower", aspect="auto", vmin=top - 6.0, vmax=top, extent=(0, dur, 0, s.shape[0]), cmap="magma"
+        )
+        ax.set_title(k, fontsize=9)
+        ax.set_ylabel("mel band")
+    axes[-1, 0].set_xlabel("seconds")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", required=True, help="codec model directory (a trained SoundStream: musiclm export ...)")
+    p.add_argument("--data", required=True, help="audio shard folder (flac + json), a shard .tar or s3:// URL")
+    p.add_argument("--split", default="eval")
+    p.add_argument("--max-clips", type=int, default=None, help="evaluate the first N samples of the split")
+    p.add_argument("--seconds", type=float, default=None, help="cut each sample to its first N seconds")
+    p.add_argument("--out", default="runs/eval_codec", help="directory for codec_eval.json/.md/.png")
+    p.add_argument(
+        "--encodec",
+        default="random",
+        help="EnCodec baseline: 'random' (real 24 kHz config, random weights), a hub id or directory, or 'none'",
+    )
+    p.add_argument(
+        "--lowpass", default="4000,8000", help="comma-separated low-pass baseline cut-offs in Hz ('' = none)"
+    )
+    p.add_argument("--no-tempo", action="store_true", help="skip the tempo estimates")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    res = evaluate_codec(
+        args.model,
+        args.data,
+        split=args.split,
+        max_clips=args.max_clips,
+        out_dir=args.out,
+        encodec=args.encodec,
+        lowpass_hz=[float(x) for x in str(args.lowpass).split(",") if x.strip()],
+        seconds=args.seconds,
+        device=args.device,
+        tempo=not args.no_tempo,
+    )
+    print(res["table"])
+    if res.get("files"):
+        print("\nwritten: " + ", ".join(res["files"].values()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = add_arguments(argparse.ArgumentParser(prog="musiclm eval codec", description=__doc__.splitlines()[0]))
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
