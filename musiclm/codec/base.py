@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["AcousticTokenizer"]
+__all__ = ["AcousticTokenizer", "acoustic_fingerprint"]
 
 
 @runtime_checkable
@@ -55,3 +55,22 @@ class AcousticTokenizer(Protocol):
         ...
 
     def fingerprint(self) -> dict: ...
+
+
+def acoustic_fingerprint(tokenizer) -> dict:
+    """The fingerprint of an acoustic tokenizer with a ``model`` (nn.Module), ``name`` and
+    ``config()``: its weights' sha256 (computed once), config, rates and vocabulary."""
+    from musiclm.fingerprint import make_fingerprint, state_dict_sha256
+
+    if getattr(tokenizer, "_weights_sha", None) is None:
+        tokenizer._weights_sha = state_dict_sha256(tokenizer.model)
+    return make_fingerprint(
+        "acoustic",
+        tokenizer.name,
+        tokenizer.config(),
+        tokenizer._weights_sha,
+        tokenizer.sample_rate,
+        frame_rate=tokenizer.frame_rate,
+        levels=tokenizer.levels,
+        codebook_size=tokenizer.codebook_size,
+    )

@@ -19,8 +19,9 @@ import warnings
 import numpy as np
 import torch
 
-from ..fingerprint import hf_config_dict, make_fingerprint, state_dict_sha256
+from ..fingerprint import hf_config_dict
 from ..tensors import as_batch, dtype_name, resolve_torch_dtype
+from .base import acoustic_fingerprint
 
 __all__ = ["EncodecTokenizer", "random_encodec_24khz", "randomize_codebooks"]
 
@@ -200,18 +201,7 @@ class EncodecTokenizer:
         }
 
     def fingerprint(self) -> dict:
-        if self._weights_sha is None:
-            self._weights_sha = state_dict_sha256(self.model)
-        return make_fingerprint(
-            "acoustic",
-            self.name,
-            self.config(),
-            self._weights_sha,
-            self.sample_rate,
-            frame_rate=self.frame_rate,
-            levels=self.levels,
-            codebook_size=self.codebook_size,
-        )
+        return acoustic_fingerprint(self)
 
     def __repr__(self) -> str:
         return f"EncodecTokenizer({self.model_id!r}, bandwidth={self.bandwidth})"

@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from ..fingerprint import make_fingerprint, state_dict_sha256
 from ..quantize import ResidualVQ
 from ..tensors import as_batch
+from .base import acoustic_fingerprint
 
 __all__ = ["SOUNDSTREAM_PRESETS", "SoundStream", "SoundStreamTokenizer", "resolve_soundstream_config"]
 
@@ -338,18 +338,7 @@ class SoundStreamTokenizer:
         return {"type": "soundstream", "levels": self.levels, "model_config": _public_config(self.model.cfg)}
 
     def fingerprint(self) -> dict:
-        if self._weights_sha is None:
-            self._weights_sha = state_dict_sha256(self.model)
-        return make_fingerprint(
-            "acoustic",
-            self.name,
-            self.config(),
-            self._weights_sha,
-            self.sample_rate,
-            frame_rate=self.frame_rate,
-            levels=self.levels,
-            codebook_size=self.codebook_size,
-        )
+        return acoustic_fingerprint(self)
 
     def save(self, directory: str | os.PathLike) -> str:
         return save_soundstream(self.model, directory)

@@ -46,9 +46,7 @@ codec config; ``DIR`` then loads as ``tokenizers: acoustic: {type: soundstream, 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 from typing import Any
 
@@ -69,6 +67,7 @@ from musiclm.codec.losses import (
     si_snr,
 )
 from musiclm.codec.soundstream import SoundStream, resolve_soundstream_config
+from musiclm.train.audio_samples import SkippedSamples, decode_sample_audio
 from musiclm.train.spec import TrainSpec, register_train_spec
 
 log = logging.getLogger(__name__)
@@ -140,64 +139,30 @@ def _mel_loss(sample_rate: int) -> MultiScaleMelLoss:
 # --------------------------------------------------------------------------------------------
 
 
+_SKIPS = SkippedSamples("codec")
+
+
 def _record_skip(sample: dict, reason: str, cfg: dict) -> None:
-    rec = {
-        "key": sample.get("__key__"),
-        "url": sample.get("__url__"),
-        "reason": reason,
-        "rank": int(os.environ.get("RANK", "0")),
-    }
-    with _LOCK:
-        if (rec["key"], rec["url"]) in _SEEN:
-            return
-        _SEEN.add((rec["key"], rec["url"]))
-        _SKIPPED.append(rec)
-    log.warning("codec: skipping sample %s (%s): %s", rec["key"], rec["url"], reason)
-    path = stage_cfg(cfg).get("skip_log")
-    run_dir = cfg.get("run_dir")
-    if not path and isinstance(run_dir, str) and run_dir and not run_dir.startswith("s3://"):
-        path = os.path.join(run_dir, "skipped_samples.jsonl")
-    if path:
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with _LOCK, open(path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        except OSError as e:  # recording must never stop training
-            log.warning("codec: cannot write %s: %s", path, e)
+    _SKIPS.record(sample, reason, cfg, stage_cfg(cfg).get("skip_log"))
 
 
 def skipped_samples(clear: bool = False) -> list[dict]:
-    with _LOCK:
-        out = list(_SKIPPED)
-        if clear:
-            _SKIPPED.clear()
-            _SEEN.clear()
-    return out
+    """Samples this process skipped so far: ``[{key, url, reason, rank}]``."""
+    return _SKIPS.samples(clear)
 
 
 def build_example(sample: dict, rng: np.random.Generator, cfg: dict) -> dict | None:
     """One audio-shard sample -> ``{"wav": [T] float32, "length": int, "bpm": float}`` with
     ``T = crop_seconds`` at the model's rate (a multiple of the hop), or None (skipped, recorded)."""
-    from musiclm.audio import decode_bytes, resample
+    from musiclm.audio import resample
 
     mc, sc = model_cfg(cfg), stage_cfg(cfg)
     sr = int(mc["sample_rate"])
     hop = int(np.prod(mc["strides"]))
-    data = sample.get("flac")
-    if data is None:
-        _record_skip(sample, "no flac entry", cfg)
+    decoded = decode_sample_audio(sample, _SKIPS, cfg, sc.get("skip_log"))
+    if decoded is None:
         return None
-    try:
-        wav, sr_in = decode_bytes(
-            bytes(data), f"{sample.get('__key__', 'sample')}.flac", None, mono=True, allow_silent=True
-        )
-    except Exception as e:  # corrupt / truncated audio
-        _record_skip(sample, f"audio does not decode: {e}", cfg)
-        return None
-    wav = wav.numpy().astype(np.float32, copy=False)
-    if wav.size == 0 or not np.all(np.isfinite(wav)):
-        _record_skip(sample, "empty or non-finite audio", cfg)
-        return None
+    wav, sr_in = decoded
     if wav.size < float(sc["min_seconds"]) * sr_in:
         _record_skip(sample, f"shorter than min_seconds={sc['min_seconds']}", cfg)
         return None

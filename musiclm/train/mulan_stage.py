@@ -48,6 +48,7 @@ import torch
 
 from musiclm.mulan.loss import contrastive_loss
 from musiclm.mulan.model import AudioFrontend, CaptionTokenizer, MuLaN, resolve_config
+from musiclm.train.audio_samples import SkippedSamples, decode_sample_audio
 from musiclm.train.spec import TrainSpec, register_train_spec
 
 log = logging.getLogger(__name__)
@@ -60,15 +61,11 @@ __all__ = [
     "skipped_samples",
     "SPEC",
     "model_config",
-    "decode_flac",
     "eval_outputs",
     "eval_summary",
 ]
 
 _LOCK = threading.Lock()
-_SKIPPED: list[dict] = []
-_SEEN: set = set()  # (key, url): a bad sample is recorded once per process, not every epoch
-_SKIPPED_MAX = 10000
 _CACHE: dict[str, tuple[AudioFrontend, CaptionTokenizer]] = {}
 
 
@@ -95,63 +92,21 @@ def _io(cfg: dict) -> tuple[AudioFrontend, CaptionTokenizer]:
 # --------------------------------------------------------------------------------------------
 
 
-def _skip_log_path(cfg: dict) -> str | None:
-    path = _stage_cfg(cfg).get("skip_log")
-    if path:
-        return str(path)
-    d = cfg.get("run_dir")  # the engine puts the run folder in the config
-    if isinstance(d, str) and d and not d.startswith("s3://"):
-        return os.path.join(d, "skipped_samples.jsonl")
-    return None
+_SKIPS = SkippedSamples("mulan")
 
 
 def _record_skip(sample: dict, reason: str, cfg: dict) -> None:
-    rec = {
-        "key": sample.get("__key__"),
-        "url": sample.get("__url__"),
-        "reason": reason,
-        "rank": int(os.environ.get("RANK", "0")),
-    }
-    with _LOCK:
-        if (rec["key"], rec["url"]) in _SEEN:
-            return
-        _SEEN.add((rec["key"], rec["url"]))
-    log.warning("mulan: skipping sample %s (%s): %s", rec["key"], rec["url"], reason)
-    with _LOCK:
-        if len(_SKIPPED) < _SKIPPED_MAX:
-            _SKIPPED.append(rec)
-    path = _skip_log_path(cfg)
-    if path:
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with _LOCK, open(path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        except OSError as e:  # recording must never stop training
-            log.warning("mulan: cannot write %s: %s", path, e)
+    _SKIPS.record(sample, reason, cfg, _stage_cfg(cfg).get("skip_log"))
 
 
 def skipped_samples(clear: bool = False) -> list[dict]:
     """Samples this process skipped so far: ``[{key, url, reason, rank}]``."""
-    with _LOCK:
-        out = list(_SKIPPED)
-        if clear:
-            _SKIPPED.clear()
-            _SEEN.clear()
-    return out
+    return _SKIPS.samples(clear)
 
 
 # --------------------------------------------------------------------------------------------
 # examples
 # --------------------------------------------------------------------------------------------
-
-
-def decode_flac(data: bytes, name: str = "sample.flac", sample_rate: int | None = None) -> tuple[np.ndarray, int]:
-    """FLAC bytes -> (mono float32 ``[T]``, rate), resampled to ``sample_rate`` when given.
-    Raises ``musiclm.audio.AudioError`` for corrupt/empty audio."""
-    from musiclm.audio import decode_bytes
-
-    wav, sr = decode_bytes(bytes(data), name, sample_rate, mono=True, allow_silent=True)
-    return wav.numpy().astype(np.float32, copy=False), int(sr)
 
 
 def _resample(wav: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
@@ -172,18 +127,10 @@ def build_example(sample: dict, rng: np.random.Generator, cfg: dict) -> dict | N
     if not isinstance(cap, str) or not cap.strip():
         _record_skip(sample, "no caption", cfg)
         return None
-    data = sample.get("flac")
-    if data is None:
-        _record_skip(sample, "no flac entry", cfg)
+    decoded = decode_sample_audio(sample, _SKIPS, cfg, scfg.get("skip_log"))
+    if decoded is None:
         return None
-    try:
-        wav, sr = decode_flac(data, f"{sample.get('__key__', 'sample')}.flac")
-    except Exception as e:  # corrupt / truncated audio (AudioError names the reason)
-        _record_skip(sample, f"audio does not decode: {e}", cfg)
-        return None
-    if wav.size == 0 or not np.all(np.isfinite(wav)):
-        _record_skip(sample, "empty or non-finite audio", cfg)
-        return None
+    wav, sr = decoded
     min_s = float(scfg.get("min_seconds", 0.5))
     if wav.size < min_s * sr:
         _record_skip(sample, f"shorter than min_seconds={min_s}", cfg)
