@@ -49,6 +49,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -378,7 +379,7 @@ class ResumePlan:
 
 
 def _log(msg: str) -> None:
-    print(f"[musiclm.train] {msg}", flush=True)
+    logging.getLogger("musiclm.train").info("%s", msg)
 
 
 def plan_resume(ckpt_root: str, resume: str | None, world_size: int, log=_log) -> ResumePlan:

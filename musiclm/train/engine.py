@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, add_set_argument, deep_merge, dump_config, load_config
+from ..logs import get_logger, setup_logging
 from ..net import free_port
 from . import checkpoint as ckpt
 from . import data as tdata
@@ -64,6 +65,7 @@ from .schedule import WarmupCosine
 from .spec import TrainSpec, get_train_spec
 
 _PROCESS_START = time.time()  # (module import time, close to the process start under the launcher)
+_log = get_logger("musiclm.train")
 
 __all__ = ["Trainer", "WarmupCosine", "load_config", "load_ds_config", "train_main"]
 
@@ -117,7 +119,7 @@ class Trainer:
         run_dir: str | None = None,
         resume: str = "auto",
         stop_after: int | None = None,
-        log_prefix: str = "[musiclm.train]",
+        log_prefix: str = "",
         config_path: str | None = None,
     ):
         self.cfg = copy.deepcopy(cfg)
@@ -151,13 +153,10 @@ class Trainer:
     # -- helpers -------------------------------------------------------------------------------
 
     def log(self, msg: str, all_ranks: bool = False) -> None:
+        """Rank-aware logging: rank 0 only, unless ``all_ranks`` (then prefixed with the rank)."""
         if all_ranks or self.rank == 0:
-            print(
-                f"{self.log_prefix} {msg}"
-                if self.world_size == 1 or not all_ranks
-                else f"{self.log_prefix}[rank {self.rank}] {msg}",
-                flush=True,
-            )
+            rank = f"[rank {self.rank}] " if all_ranks and self.world_size > 1 else ""
+            _log.info("%s%s%s", self.log_prefix, rank, msg)
 
     def log_all(self, msg: str) -> None:
         self.log(msg, all_ranks=True)
@@ -974,6 +973,7 @@ def build_arg_parser():
 
 def train_main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
+    setup_logging()
     from musiclm.data.shards import FingerprintMismatch
 
     try:
