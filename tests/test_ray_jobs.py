@@ -367,7 +367,7 @@ def test_tokenize_kill_resume_and_new_tokenizers(env, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, *args],
         cwd=REPO,
-        env={**env["head"].env(), GROUP_DELAY_ENV: "2.0"},
+        env={**env["head"].env(), GROUP_DELAY_ENV: "1.0"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -382,11 +382,6 @@ def test_tokenize_kill_resume_and_new_tokenizers(env, tmp_path):
                 if len([p for p in groups_dir.glob("*.json") if p.name != "plan.json"]) >= 2:
                     break
             time.sleep(0.2)
-        # a second job with the same plan into the same folder refuses (it would redo every group)
-        second = subprocess.run(
-            [sys.executable, *args], cwd=REPO, env=env["head"].env(), capture_output=True, text=True, timeout=120
-        )
-        assert second.returncode != 0 and "is being written by another job (pid" in second.stderr, second.stderr[-2000:]
         assert proc.poll() is None, "job finished before it could be killed:\n" + proc.stdout.read()[-3000:]
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -404,7 +399,21 @@ def test_tokenize_kill_resume_and_new_tokenizers(env, tmp_path):
     _check_exactly_once(directory, env["manifest"], "tokens")
     assert summary["clips_ok"] == 8 and summary["clips_failed"] == 4
 
-    again = _driver(env, "tokenize.py", *args[1:])  # nothing left to do
+    # while another job holds the folder (its lock, taken here as a concurrent job would), a job with
+    # the same plan into the same folder refuses at once, naming the holder, instead of redoing groups
+    from ray_jobs.plan import JobLock
+
+    holder = JobLock(directory).acquire()
+    try:
+        second = subprocess.run(
+            [sys.executable, *args], cwd=REPO, env=env["head"].env(), capture_output=True, text=True, timeout=180
+        )
+    finally:
+        holder.release()
+    assert second.returncode != 0, second.stderr[-2000:]
+    assert f"is being written by another job (pid {os.getpid()} on" in second.stderr, second.stderr[-2000:]
+
+    again = _driver(env, "tokenize.py", *args[1:])  # nothing left to do (and the lock is free again)
     assert again["groups_this_run"] == 0 and again["clips_ok"] == 8
 
     # --retry-failed: the groups with failed clips run again; the missing file now exists.
