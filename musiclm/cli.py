@@ -85,6 +85,20 @@ def _shards_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shards_layout(args: argparse.Namespace) -> int:
+    import yaml
+
+    from musiclm.data.shards import read_index
+    from musiclm.lm.stages import TokenLayout
+
+    fields = TokenLayout.fields_from_fingerprints(read_index(args.dir).get("fingerprints") or {})
+    if args.as_set:  # for `launch/train.py --set ...`
+        print(" ".join(f"tokens.{k}={json.dumps(v, separators=(',', ':'))}" for k, v in fields.items()))
+    else:
+        print(yaml.safe_dump({"tokens": fields}, sort_keys=False, default_flow_style=None).rstrip())
+    return 0
+
+
 def _shards_verify(args: argparse.Namespace) -> int:
     from musiclm.data.shards import ShardError, verify
 
@@ -196,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p = add("verify", _shards_verify, "read every sample; fail naming shard and key", sh_sub)
     p.add_argument("dir")
+    p = add("layout", _shards_layout, "the tokens: section a token-shard folder's tokenizers fix", sh_sub)
+    p.add_argument("dir")
+    p.add_argument("--as-set", action="store_true", help="as `--set tokens.key=value ...` arguments")
 
     p = add("export", _export, "consolidated safetensors + config from a training run")
     p.add_argument("run_dir")

@@ -65,16 +65,15 @@ TOKENS=$(ls -td shards/rapbeats/tokens-*/ | head -n 1); TOKENS=${TOKENS%/}  # th
 musiclm shards verify "$TOKENS" | head -n 30
 
 step "6. stage transformers: semantic, coarse, fine (deepspeed, 2 processes, ${MINUTES} min each)"
-# the conditioning vocabulary is the fitted quantizer's (codebook_size: auto in $TOK)
-COND=$(python -c "import json; c = json.load(open('$MODELS/quantizer/config.json')); print(c['levels'], c['codebook_size'])")
-read -r COND_LEVELS COND_CODEBOOK <<< "$COND"
-echo "MuLaN conditioning tokens: $COND_LEVELS levels x $COND_CODEBOOK codes per namespace"
+# the token layout the shards' tokenizers fix (e.g. the conditioning vocabulary is the fitted
+# quantizer's: codebook_size: auto in $TOK)
+read -r -a LAYOUT <<< "$(musiclm shards layout "$TOKENS" --as-set)"
+echo "token layout of $TOKENS: ${LAYOUT[*]}"
 # one run folder per token folder: refitted tokenizers (new shards) start new runs instead of
 # resuming checkpoints trained on other tokens (the engine refuses that)
 RUNS=runs/demo/$(basename "$TOKENS")
 for stage in semantic coarse fine; do
-  train "$stage" "launch/configs/$stage.yaml" 2 "$RUNS/$stage" --shards "$TOKENS" \
-    --set tokens.cond_levels="$COND_LEVELS" tokens.cond_codebook="$COND_CODEBOOK"
+  train "$stage" "launch/configs/$stage.yaml" 2 "$RUNS/$stage" --shards "$TOKENS" --set "${LAYOUT[@]}"
   echo "loss curves: $RUNS/$stage/loss.png"
 done
 

@@ -93,3 +93,25 @@ def test_skip_option_trains_on_the_rest_and_records(good, tmp_path):
     rec = [json.loads(line) for line in open(os.path.join(run_dir, "bad_shards.jsonl"))]
     assert [r["shard"].rsplit("/", 1)[1] for r in rec] == ["train-000002.tar"]
     assert any(r.get("data/bad_shards") == 1 for r in metrics(run_dir))
+
+
+def test_shards_layout_gives_the_tokens_section(good, capsys):
+    """`musiclm shards layout DIR` prints the tokens: fields the shards' tokenizers fix, ready for
+    --set; with them the stage config matches the shards (make demo passes them)."""
+    from musiclm.cli import main
+    from musiclm.config import apply_overrides
+    from musiclm.train.spec import get_train_spec
+
+    assert main(["shards", "layout", good, "--as-set"]) == 0
+    sets = capsys.readouterr().out.split()
+    tiny = yaml.safe_load(open(TINY_CONFIG))["tokens"]
+    assert (
+        f"tokens.cond_levels={tiny['cond_levels']}" in sets
+        and f"tokens.semantic_vocab={tiny['semantic_vocab']}" in sets
+    )
+    cfg = apply_overrides(yaml.safe_load(open(TINY_CONFIG)), sets)
+    assert {k: cfg["tokens"][k] for k in tiny if k != "window_seconds"} == {
+        k: v for k, v in tiny.items() if k != "window_seconds"
+    }
+    spec = get_train_spec("coarse")
+    tdata.check_shard_fingerprints(good, spec.expected_fingerprints(cfg))  # raises on a mismatch

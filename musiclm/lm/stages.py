@@ -92,6 +92,25 @@ class TokenLayout:
         check_keys(tokens, known + ["window_seconds"], where="tokens")
         return cls(**{k: v for k, v in tokens.items() if k in known})
 
+    @staticmethod
+    def fields_from_fingerprints(fingerprints: dict) -> dict:
+        """The ``tokens:`` fields a token-shard folder's tokenizer fingerprints fix (index.json's
+        ``fingerprints``): rates, levels and vocabularies of every stream it carries.
+        ``coarse_levels`` and the windows are modelling choices and are not included."""
+        out: dict = {}
+        ac, sem, q = (fingerprints.get(k) or {} for k in ("acoustic", "semantic", "quantizer"))
+        if ac:
+            out.update(
+                acoustic_levels=ac["levels"], acoustic_codebook=ac["codebook_size"], acoustic_rate=ac["frame_rate"]
+            )
+        if sem:
+            out.update(semantic_vocab=sem["vocab_size"], semantic_rate=sem["frame_rate"])
+        if q:
+            out.update(cond_levels=q["levels"], cond_codebook=q["codebook_size"])
+            if q.get("namespaces"):
+                out["cond_namespaces"] = list(q["namespaces"])
+        return out
+
     @property
     def fine_levels(self) -> int:
         return self.acoustic_levels - self.coarse_levels
