@@ -22,8 +22,10 @@ encoding) and ``decode`` returns ``T_frames * hop_length`` samples.
 Presets (``SOUNDSTREAM_PRESETS``):
 
 * ``tiny``: 8 kHz, strides (4, 5, 8) = hop 160 = 50 Hz, 4 channels, 4 levels x 64 codes (tests);
-* ``demo``: 24 kHz, strides (2, 4, 5, 8) = hop 320 = 75 Hz (EnCodec's rate), 16 channels,
-  8 levels x 256 codes (trains on 2 CPU cores);
+* ``demo``: 24 kHz, strides (2, 4, 5, 8) = hop 320 = 75 Hz (EnCodec's rate), 8 channels,
+  8 levels x 256 codes, dead-code threshold 0.05 (trains on 2 CPU cores; with the batch of
+  launch/configs/codec.yaml, 4 x 0.5 s = 150 vectors a step or ~0.6 per code, a threshold of 2
+  restarted most codes every step);
 * ``paper``: 24 kHz, strides (2, 4, 6, 10) = hop 480 = 50 Hz, 32 channels, 12 levels x 1024 codes
   (MusicLM: coarse = levels 1-4). ``strides: [2, 4, 5, 8]`` gives 75 Hz.
 
@@ -83,7 +85,7 @@ SOUNDSTREAM_PRESETS: dict[str, dict] = {
         "dead_code_threshold": 0.5,
         "kmeans_iters": 10,
     },
-    "demo": {},
+    "demo": {"channels": 8, "dead_code_threshold": 0.05},
     "paper": {
         "channels": 32,
         "dim": 128,
