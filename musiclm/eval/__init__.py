@@ -4,6 +4,8 @@
   and a tempo probe for any :class:`~musiclm.mulan.embedder.AudioTextEmbedder` (our MuLaN, CLAP).
 * :mod:`musiclm.eval.tempo` -- tempo following of the semantic stage: BPM estimated from semantic
   tokens (ground truth and generated from captions) against the caption BPM, with baselines.
+* :mod:`musiclm.eval.codec` -- an acoustic codec's reconstruction (SI-SNR, multi-scale mel, log-mel
+  L1 overall and below 150 Hz, tempo kept) per number of levels, against EnCodec and low-pass copies.
 
 Each module exposes ``add_arguments(parser)`` and ``run_from_args(args)`` for the CLI and a plain
 function (e.g. :func:`musiclm.eval.retrieval.evaluate_retrieval`) returning a JSON-able dict.
@@ -11,4 +13,4 @@ Modules are imported on demand (``importlib.import_module(f"musiclm.eval.{family
 ``import musiclm.eval`` stays cheap.
 """
 
-FAMILIES = ("retrieval", "tempo")
+FAMILIES = ("retrieval", "tempo", "codec")
