@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["as_batch", "resolve_torch_dtype", "dtype_name"]
+__all__ = ["as_batch", "as_codes", "resolve_torch_dtype", "dtype_name"]
 
 
 def as_batch(wav: Any) -> torch.Tensor:
@@ -43,3 +43,11 @@ def resolve_torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def as_codes(codes: Any) -> torch.Tensor:
+    """int64 ``[B, Q, T]`` codes from ``[Q, T]`` or ``[B, Q, T]`` (tensor or ndarray)."""
+    if isinstance(codes, np.ndarray):
+        codes = torch.from_numpy(codes.astype(np.int64))
+    codes = torch.as_tensor(codes).long()
+    return codes[None] if codes.dim() == 2 else codes

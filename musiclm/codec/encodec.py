@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..fingerprint import hf_config_dict
-from ..tensors import as_batch, dtype_name, resolve_torch_dtype
+from ..tensors import as_batch, as_codes, dtype_name, resolve_torch_dtype
 from .base import acoustic_fingerprint
 
 __all__ = ["EncodecTokenizer", "random_encodec_24khz", "randomize_codebooks"]
@@ -167,11 +167,7 @@ class EncodecTokenizer:
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
         """int codes ``[B, Q', T_frames]`` (Q' <= levels, first levels) -> float32 ``[B, T_frames * hop]`` (CPU)."""
-        if isinstance(codes, np.ndarray):
-            codes = torch.from_numpy(codes.astype(np.int64))
-        codes = codes.long()
-        if codes.dim() == 2:
-            codes = codes[None]
+        codes = as_codes(codes)
         b, q, n = codes.shape
         if q > self.levels or q < 1:
             raise ValueError(f"decode expects 1..{self.levels} levels, got {q}")

@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from ..quantize import ResidualVQ
-from ..tensors import as_batch
+from ..tensors import as_batch, as_codes
 from .base import acoustic_fingerprint
 
 __all__ = ["SOUNDSTREAM_PRESETS", "SoundStream", "SoundStreamTokenizer", "resolve_soundstream_config"]
@@ -321,11 +321,7 @@ class SoundStreamTokenizer:
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
         """int ``[B, Q', F]`` (Q' <= levels, coarse first) -> float32 ``[B, F * hop_length]`` (CPU)."""
-        if isinstance(codes, np.ndarray):
-            codes = torch.from_numpy(codes.astype(np.int64))
-        codes = codes.long()
-        if codes.dim() == 2:
-            codes = codes[None]
+        codes = as_codes(codes)
         b, q, n = codes.shape
         if not 1 <= q <= self.model.levels:
             raise ValueError(f"decode expects 1..{self.model.levels} levels, got {q}")
