@@ -91,6 +91,45 @@ def test_eval_codec_other_rate_and_fewer_levels(tmp_path, tiny_codec_and_shards)
     assert res["rows"][0]["tempo_kept"] is None
 
 
+def test_require_below_gates_on_the_matched_baseline(tiny_codec_and_shards, capsys):
+    """``--require-below``: the codec with all levels against the bitrate-matched EnCodec row or a
+    named row, on log-mel L1 overall and below 150 Hz; ``make demo`` stops on a failure."""
+
+    def result(ours: tuple[float, float], enc: tuple[float, float]) -> dict:
+        row = lambda system, levels, v, n=2, **kw: {  # noqa: E731
+            "system": system,
+            "levels": levels,
+            "n_levels": n,
+            "mel_l1": v[0],
+            "mel_l1_below_150hz": v[1],
+            **kw,
+        }
+        return {
+            "codec": {"type": "soundstream", "levels": 2},
+            "rows": [
+                row("soundstream", "1", (9.0, 9.0), n=1),
+                row("soundstream", "all", ours),
+                row("encodec_random", "1 (~1)", (0.1, 0.1), n=1, matches="1"),
+                row("encodec_random", "2 (~all)", enc, matches="all"),
+                row("lowpass_4khz", "-", (0.5, 0.5)),
+            ],
+        }
+
+    assert codec_eval.require_below(result((1.0, 1.0), (2.0, 2.0)), "encodec") == []
+    fails = codec_eval.require_below(result((1.0, 3.0), (2.0, 2.0)), "encodec")
+    assert len(fails) == 1 and fails[0].startswith("mel_l1_below_150hz") and "encodec_random 2.000" in fails[0]
+    assert len(codec_eval.require_below(result((1.0, 1.0), (2.0, 2.0)), "lowpass_4khz")) == 2
+    assert "no 'lowpass_8khz' row" in codec_eval.require_below(result((1.0, 1.0), (2.0, 2.0)), "lowpass_8khz")[0]
+
+    # the command: an untrained tiny codec is not below the 8 kHz low-pass copy -> exit 1, reasons on stderr
+    from musiclm.cli import main
+
+    model_dir, shards, root = tiny_codec_and_shards
+    argv = ["eval", "codec", "--model", model_dir, "--data", shards, "--max-clips", "1", "--no-tempo"]
+    assert main([*argv, "--encodec", "none", "--out", str(root / "gate"), "--require-below", "lowpass_8khz"]) == 1
+    assert "FAIL: mel_l1" in capsys.readouterr().err
+
+
 def test_level_counts():
     assert codec_eval.level_counts(8, 4) == [("1", 1), ("coarse", 4), ("all", 8)]
     assert codec_eval.level_counts(12, 4) == [("1", 1), ("coarse", 4), ("all", 12)]

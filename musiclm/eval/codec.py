@@ -64,6 +64,7 @@ __all__ = [
     "load_clips",
     "lowpass",
     "main",
+    "require_below",
     "run_from_args",
     "tempo_kept",
 ]
@@ -466,6 +467,38 @@ def plot_spectrograms(wavs: dict[str, torch.Tensor], sample_rate: int, path: str
 # --------------------------------------------------------------------------------------------
 
 
+GATED_METRICS = ("mel_l1", "mel_l1_below_150hz")
+
+
+def require_below(result: dict, baseline: str, metrics: Sequence[str] = GATED_METRICS) -> list[str]:
+    """Failures (empty = pass) of the codec with all its levels against ``baseline``.
+
+    ``baseline`` is ``encodec`` (the EnCodec row matched to the codec's full bitrate) or a system
+    name such as ``lowpass_4khz``; every metric in ``metrics`` (lower is better) must be strictly
+    below the baseline's. ``make demo`` uses it so a codec that lost to the random-weight EnCodec
+    stops the pipeline before tokenization instead of feeding meaningless tokens to the stages.
+    """
+    rows = result["rows"]
+    name, levels = result["codec"]["type"], result["codec"]["levels"]
+    ours = next((r for r in rows if r["system"] == name and r["n_levels"] == levels), None)
+    full = ours["levels"] if ours else None
+    if baseline == "encodec":
+        base = next((r for r in rows if r.get("matches") == full), None)
+    else:
+        base = next((r for r in rows if r["system"] == baseline), None)
+    if ours is None or base is None:
+        have = sorted({r["system"] for r in rows})
+        return [f"no '{baseline}' row to compare with (rows: {', '.join(have)}; see 'skipped')"]
+    failures = []
+    for m in metrics:
+        a, b = ours.get(m), base.get(m)
+        if a is None or b is None or not math.isfinite(a) or not math.isfinite(b) or not a < b:
+            failures.append(
+                f"{m}: {name} ({full} levels) {_fmt(a, '.3f')} is not below {base['system']} {_fmt(b, '.3f')}"
+            )
+    return failures
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="codec model directory (a trained SoundStream: musiclm export ...)")
     p.add_argument("--data", required=True, help="audio shard folder (flac + json), a shard .tar or s3:// URL")
@@ -482,6 +515,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--lowpass", default="4000,8000", help="comma-separated low-pass baseline cut-offs in Hz ('' = none)"
     )
     p.add_argument("--no-tempo", action="store_true", help="skip the tempo estimates")
+    p.add_argument(
+        "--require-below",
+        default=None,
+        metavar="SYSTEM",
+        help="exit 1 unless the codec (all levels) has a lower log-mel L1, overall and below 150 Hz, than "
+        "SYSTEM: 'encodec' (the bitrate-matched EnCodec row) or a row name such as lowpass_4khz",
+    )
     p.add_argument("--device", default="cpu")
     return p
 
@@ -502,6 +542,13 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(res["table"])
     if res.get("files"):
         print("\nwritten: " + ", ".join(res["files"].values()))
+    if args.require_below:
+        failures = require_below(res, args.require_below)
+        for f in failures:
+            print(f"FAIL: {f}", file=sys.stderr)
+        if failures:
+            return 1
+        print(f"\ncodec below {args.require_below} on {', '.join(GATED_METRICS)}: ok")
     return 0
 
 
