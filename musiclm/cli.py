@@ -121,6 +121,41 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _package(args: argparse.Namespace) -> int:
+    from musiclm.package import PACKAGE_FILE, package_model
+
+    card = {k: v for k, v in (("license", args.license), ("name", args.name)) if v}
+    out = package_model(
+        semantic=args.semantic,
+        coarse=args.coarse,
+        fine=args.fine,
+        tokenizers=args.tokenizers,
+        codec=args.codec,
+        out=args.out,
+        tokens_dir=args.tokens,
+        extra_card=card,
+    )
+    from musiclm.data import storage
+
+    doc = json.loads(storage.read_bytes(storage.join(out, PACKAGE_FILE)))
+    _print_json(
+        {
+            "out": out,
+            "name": doc["name"],
+            "license": doc["license"],
+            "stages": {
+                n: {k: s[k] for k in ("step", "num_params", "window_seconds", "vocab_size", "source")}
+                for n, s in doc["stages"].items()
+            },
+            "windows": doc["windows"],
+            "fingerprint_hash": doc["fingerprint_hash"],
+            "data": doc["data"],
+            "sampling": doc["sampling"],
+        }
+    )
+    return 0
+
+
 # --- evaluation ------------------------------------------------------------------------------
 
 
@@ -218,6 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+
+    p = add("package", _package, "the model directory generation loads: stages, tokenizers, config, model card")
+    for stage in ("semantic", "coarse", "fine"):
+        p.add_argument(f"--{stage}", required=True, help=f"{stage} stage: exported weights (file or folder) or run")
+    p.add_argument("--tokenizers", required=True, help="tokenizer bundle directory or tokenizers config (YAML)")
+    p.add_argument("--codec", default=None, help="SoundStream directory replacing the bundle's acoustic tokenizer")
+    p.add_argument("--out", required=True, help="package directory (local or s3://), e.g. models/rapbeats-demo")
+    p.add_argument("--tokens", default=None, help="token shard folder the stages trained on (for the model card)")
+    p.add_argument("--license", default=None, help="license field of the model card (default: unspecified)")
+    p.add_argument("--name", default=None, help="model name in the card (default: the folder name)")
 
     ev = sub.add_parser("eval", help="evaluation families")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)

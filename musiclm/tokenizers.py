@@ -263,6 +263,14 @@ class TokenizerBundle:
                 raise TypeError(f"{type(self.embedder).__name__} cannot be saved into a bundle")
             self.embedder.save_pretrained(os.path.join(directory, "mulan"))
             cfg.setdefault("mulan", {})["model"] = "mulan"
+        fingerprints = self.fingerprints()
+        if self.embedder is not None:
+            # the fingerprint of the copy this bundle now holds: an embedder's config can name files
+            # (a MuLaN caption tokenizer, a text tower) that saving moved into the bundle, and
+            # load() compares against what it rebuilds from here. Weights are the same bytes.
+            fingerprints["mulan"] = build_embedder(
+                {**cfg["mulan"], "model": os.path.join(directory, "mulan")}
+            ).fingerprint()
         q = _quantizer_section(cfg.get("quantizer"))
         if self.quantizer is not None:
             self.quantizer.save(os.path.join(directory, "quantizer"))
@@ -273,7 +281,7 @@ class TokenizerBundle:
             cfg["quantizer"] = q
         else:
             cfg.pop("quantizer", None)
-        doc = {"format": "musiclm-tokenizers", "version": 1, "config": cfg, "fingerprints": self.fingerprints()}
+        doc = {"format": "musiclm-tokenizers", "version": 1, "config": cfg, "fingerprints": fingerprints}
         storage.write_json_atomic(os.path.join(directory, BUNDLE_FILE), doc, indent=2, sort_keys=True)
         return directory
 

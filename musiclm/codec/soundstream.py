@@ -341,6 +341,10 @@ class SoundStreamTokenizer:
     def save(self, directory: str | os.PathLike) -> str:
         return save_soundstream(self.model, directory)
 
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        """Same as :meth:`save` (the name ``TokenizerBundle.save`` and transformers models use)."""
+        return save_soundstream(self.model, directory)
+
     def __repr__(self) -> str:
         return f"SoundStreamTokenizer({self.model_dir!r}, levels={self.levels})"
 
