@@ -303,15 +303,23 @@ class Transformer(nn.Module):
         logits_mask: torch.Tensor | None = None,
         null_prefix: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+        top_p: float | None = None,
+        use_cache: bool = True,
+        return_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Sample ``n_new`` tokens after ``prefix`` [B, L] (or [L]); returns only the new tokens [B, n_new].
 
-        - temperature <= 0 is greedy decoding; top_k keeps the k most likely allowed tokens.
+        - temperature <= 0 is greedy decoding; top_k keeps the k most likely allowed tokens; top_p
+          (nucleus) keeps the smallest set of most likely tokens whose probability reaches top_p.
         - logits_mask: bool [V] or [n_new, V], True = allowed at that step (e.g. the vocabulary range
           of acoustic level q at step t: ``Stage.target_logits_mask``).
         - classifier-free guidance when cond_scale != 1: ``null_prefix`` is the same prefix with the
           conditioning tokens replaced by NULL_COND (``Stage.prefix(cond=None, ...)``). Both run as
           one batch of 2B through the KV cache; logits = null + cond_scale * (cond - null).
+        - use_cache=False recomputes the whole sequence at every step (the reference the KV cache
+          must match, and the baseline of ``musiclm bench generate``).
+        - return_logits: also return the guided fp32 logits of every step [B, n_new, V] (before the
+          mask, temperature and truncation).
         """
         if prefix.dim() == 1:
             prefix = prefix[None]
@@ -330,14 +338,16 @@ class Transformer(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            cache = self.new_cache(x.size(0), L + n_new)
+            cache = self.new_cache(x.size(0), L + n_new) if use_cache else None
             logits = self(x, cache=cache, last_only=True)[:, -1]
-            out = []
+            out, raw = [], []
             for t in range(n_new):
                 lg = logits.float()
                 if guided:
                     cond, null = lg[:B], lg[B:]
                     lg = null + cond_scale * (cond - null)
+                if return_logits:
+                    raw.append(lg)
                 if logits_mask is not None:
                     allowed = logits_mask[t] if logits_mask.dim() == 2 else logits_mask
                     lg = lg.masked_fill(~allowed, float("-inf"))
@@ -348,13 +358,36 @@ class Transformer(nn.Module):
                     if top_k is not None and top_k > 0:
                         kth = torch.topk(lg, min(top_k, lg.size(-1)), dim=-1).values[:, -1:]
                         lg = lg.masked_fill(lg < kth, float("-inf"))
+                    if top_p is not None and 0 < top_p < 1:
+                        lg = _top_p_filter(lg, top_p)
                     nxt = torch.multinomial(F.softmax(lg, dim=-1), 1, generator=generator)
                 out.append(nxt)
                 if t + 1 < n_new:
-                    logits = self(torch.cat([nxt, nxt]) if guided else nxt, cache=cache)[:, -1]
-            return torch.cat(out, dim=1) if out else prefix.new_zeros(B, 0)
+                    step = torch.cat([nxt, nxt]) if guided else nxt
+                    if use_cache:
+                        logits = self(step, cache=cache)[:, -1]
+                    else:
+                        x = torch.cat([x, step], dim=1)
+                        logits = self(x, last_only=True)[:, -1]
+            tokens = torch.cat(out, dim=1) if out else prefix.new_zeros(B, 0)
+            if return_logits:
+                V = self.cfg.vocab_size
+                return tokens, (torch.stack(raw, dim=1) if raw else logits.new_zeros(B, 0, V).float())
+            return tokens
         finally:
             self.train(was_training)
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering of [B, V] logits: keep the most likely tokens until their probability
+    reaches top_p (always at least the most likely one); the rest become -inf."""
+    sorted_lg, order = torch.sort(logits, dim=-1, descending=True)
+    probs = F.softmax(sorted_lg, dim=-1)
+    # drop a token when the tokens before it already reach top_p
+    drop = (probs.cumsum(dim=-1) - probs) >= top_p
+    drop[:, 0] = False
+    sorted_lg = sorted_lg.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_lg)
 
 
 def load_stage_model(weights: str, config: dict | str | None = None, map_location="cpu") -> Transformer:
