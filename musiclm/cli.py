@@ -78,23 +78,36 @@ def _manifest_check(args: argparse.Namespace) -> int:
 # --- shards ----------------------------------------------------------------------------------
 
 
+def _stages_for_streams(streams) -> list[str]:
+    """The LM stages whose streams (musiclm.lm.stages.STAGE_STREAMS) a token-shard folder carries."""
+    from musiclm.lm.stages import STAGE_STREAMS
+
+    return [name for name, need in STAGE_STREAMS.items() if set(need) <= set(streams or ())]
+
+
 def _shards_inspect(args: argparse.Namespace) -> int:
     from musiclm.data.shards import inspect
 
-    _print_json(inspect(args.dir))
+    info = inspect(args.dir)
+    if info.get("streams") is not None:
+        info["stages"] = _stages_for_streams(info["streams"])  # which stages can train on this folder
+    _print_json(info)
     return 0
 
 
 def _shards_layout(args: argparse.Namespace) -> int:
     import yaml
 
-    from musiclm.data.shards import read_index
+    from musiclm.data.shards import index_streams, read_index
     from musiclm.lm.stages import TokenLayout
 
-    fields = TokenLayout.fields_from_fingerprints(read_index(args.dir).get("fingerprints") or {})
+    index = read_index(args.dir)
+    fields = TokenLayout.fields_from_fingerprints(index.get("fingerprints") or {})
     if args.as_set:  # for `launch/train.py --set ...`
         print(" ".join(f"tokens.{k}={json.dumps(v, separators=(',', ':'))}" for k, v in fields.items()))
     else:
+        streams = index_streams(index)  # a subset fixes only its streams' fields
+        print(f"# streams: {', '.join(streams)} (stages: {', '.join(_stages_for_streams(streams)) or 'none'})")
         print(yaml.safe_dump({"tokens": fields}, sort_keys=False, default_flow_style=None).rstrip())
     return 0
 

@@ -151,21 +151,38 @@ def make_synthetic_token_shards(
     samples_per_shard: int = 16,
     seed: int = 0,
     fingerprints: dict | None = None,
+    streams=None,
 ) -> dict:
-    """Write train/eval token shards + index.json of synthetic samples into ``directory``."""
-    from musiclm.data.shards import ShardWriter, write_index
+    """Write train/eval token shards + index.json of synthetic samples into ``directory``.
 
+    ``streams`` (e.g. ``"semantic,cond"``; default all four): the folder carries only those
+    entries, and its fingerprints only the tokenizers they are made by, as
+    ``ray_jobs/tokenize.py --streams`` writes them. The samples' values do not depend on it."""
+    from musiclm.data.shards import (
+        ALL_STREAMS,
+        ShardWriter,
+        parse_streams,
+        stream_entries,
+        stream_tokenizers,
+        write_index,
+    )
+
+    streams = parse_streams(streams)
+    keep = set(stream_entries(streams)) | {"__key__", "json"}
     rng = np.random.default_rng(seed)
     all_shards = []
     for split, n in (("train", n_train), ("eval", n_eval)):
         if n <= 0:
             continue
-        w = ShardWriter(directory, split, kind="tokens", max_samples=samples_per_shard)
+        w = ShardWriter(directory, split, kind="tokens", max_samples=samples_per_shard, streams=streams)
         for i in range(n):
-            w.write(synthetic_sample(f"{split}{i:05d}__0000", rng, tokens, seconds))
+            sample = synthetic_sample(f"{split}{i:05d}__0000", rng, tokens, seconds)
+            w.write({k: v for k, v in sample.items() if k in keep})
         all_shards.extend(w.close())
     fps = fingerprints or synthetic_fingerprints(tokens)
-    return write_index(directory, all_shards, kind="tokens", fingerprints=fps)
+    if streams != ALL_STREAMS:
+        fps = {k: v for k, v in fps.items() if k in stream_tokenizers(streams)}
+    return write_index(directory, all_shards, kind="tokens", fingerprints=fps, streams=streams)
 
 
 def make_synthetic_audio_shards(

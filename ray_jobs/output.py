@@ -25,8 +25,10 @@ def write_group(
     kind: str,
     timings: dict,
     delay: float = 0.0,
+    streams=None,
 ) -> dict:
     """Write a group's samples as shard `<split>-<index>.tar`, then its record. Returns the record.
+    ``streams``: the token streams every sample carries (token shards; default all).
 
     Clips with no written sample and no error cannot occur: callers turn every dropped clip into
     an error. A group with no sample writes no shard, only its record."""
@@ -40,7 +42,13 @@ def write_group(
         # One shard per group: limits high enough that the writer never rolls over into the
         # next group's shard number.
         with ShardWriter(
-            out_dir, group.split, kind=kind, max_samples=1 << 40, max_bytes=1 << 60, start_shard=group.index
+            out_dir,
+            group.split,
+            kind=kind,
+            max_samples=1 << 40,
+            max_bytes=1 << 60,
+            start_shard=group.index,
+            streams=streams,
         ) as w:
             for s in samples:
                 w.write(s)
@@ -142,8 +150,10 @@ def finish(
     workers: int,
     ray_info: dict,
     t_start: float,
+    streams=None,
 ) -> dict:
-    """All groups done: merge errors into errors.jsonl, write index.json, return the summary."""
+    """All groups done: merge errors into errors.jsonl, write index.json (with the token
+    ``streams``, default all, for token shards), return the summary."""
     from musiclm.data.shards import write_index
 
     done = state.done()
@@ -173,7 +183,7 @@ def finish(
         failed_by_reason=by_reason,
         errors_file=ERRORS_NAME,
     )
-    write_index(out_dir, shards, kind=kind, fingerprints=fingerprints, extra=index_extra)
+    write_index(out_dir, shards, kind=kind, fingerprints=fingerprints, extra=index_extra, streams=streams)
     summary = {
         "job": job,
         "out_dir": out_dir,

@@ -8,6 +8,13 @@
 Output: ``<out>/<dataset>/tokens-<hash of the tokenizer fingerprints>/<split>-%06d.tar``,
 ``errors.jsonl``, ``index.json`` (written last). Other tokenizers -> another folder.
 
+``--streams semantic,cond`` (any of acoustic, semantic, mulan, cond; default all four) writes only
+those entries, loads only the tokenizers they need (no codec for semantic + cond; ``cond`` needs the
+MuLaN model and the quantizer) and goes to a folder of its own: the hash covers those tokenizers'
+fingerprints and the stream list, and ``index.json`` names the streams. The semantic stage trains
+on semantic + cond, the fine stage on acoustic + cond, the coarse stage needs acoustic, semantic
+and cond.
+
 Pipeline (Ray Data): one row per group of clips (sorted clip ids per split; one group = one
 shard) -> ``map`` decode + check + segment (CPU tasks) -> ``map_batches`` with an actor pool of
 :class:`TokenizeActor` (``concurrency`` = workers, ``num_gpus`` when the cluster has GPUs, batched
@@ -30,6 +37,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 
 from musiclm.data import segments as S  # noqa: E402
+from musiclm.data.shards.schema import ALL_STREAMS  # noqa: E402
 from musiclm.logs import get_logger  # noqa: E402
 from ray_jobs.cluster import resolve_device  # noqa: E402
 from ray_jobs.job import Job, run_job  # noqa: E402
@@ -37,14 +45,22 @@ from ray_jobs.job_args import dataset_name, tokenizers_section  # noqa: E402
 from ray_jobs.output import finish, write_group  # noqa: E402
 from ray_jobs.stages import actor_stage, actor_stamp, pack_arrays, sample_json, unpack_arrays  # noqa: E402
 
-ENTRIES = ("acoustic.npy", "semantic.npy", "mulan.npy", "cond.npy")
+ENTRIES = ("acoustic.npy", "semantic.npy", "mulan.npy", "cond.npy")  # every stream (--streams: a subset)
 log = get_logger("ray_jobs.tokenize")
 
 
 class TokenizeActor:
     """One model replica: builds the tokenizer bundle once, then tokenizes groups of segments."""
 
-    def __init__(self, tok_cfg: dict, device: str, threads: int, batch_size: int, expected_hash: str):
+    def __init__(
+        self,
+        tok_cfg: dict,
+        device: str,
+        threads: int,
+        batch_size: int,
+        expected_hash: str,
+        entries: tuple[str, ...] = ENTRIES,
+    ):
         import torch
 
         from musiclm.data.shards import fingerprint_hash
@@ -60,10 +76,11 @@ class TokenizeActor:
                 f"model files differ between nodes"
             )
         self.batch_size = max(1, int(batch_size))
+        self.entries = tuple(entries)
         self.ready = actor_stamp()
 
     def _tokenize(self, wavs: list) -> list[dict]:
-        return self.bundle.tokenize(wavs, sample_rate=self.bundle.sample_rate, entries=list(ENTRIES))
+        return self.bundle.tokenize(wavs, sample_rate=self.bundle.sample_rate, entries=list(self.entries))
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -93,7 +110,7 @@ class TokenizeActor:
                             results.append(None)
                 for s, r in zip(chunk, results):
                     if r is not None:
-                        for name in ENTRIES:
+                        for name in self.entries:
                             tokens[f"{s['key']}|{name}"] = r[name]
             errors = meta["errors"] + [
                 S.error_record(clips[cid], "tokenize_failed", why, stage="tokenize")
@@ -114,8 +131,12 @@ class TokenizeActor:
         return out
 
 
-def write_tokens(row: dict, *, out_dir: str, delay: float = 0.0) -> dict:
-    """Ray Data `map` (CPU task): the group's token samples -> its shard and record."""
+def write_tokens(row: dict, *, out_dir: str, delay: float = 0.0, streams: tuple[str, ...] | None = None) -> dict:
+    """Ray Data `map` (CPU task): the group's token samples (the entries of ``streams``, default
+    all) -> its shard and record."""
+    from musiclm.data.shards import parse_streams, stream_entries
+
+    streams = parse_streams(streams)
     group = S.Group.from_json(row["group"])
     meta = json.loads(row["meta"])
     arrays = unpack_arrays(row["tokens"])
@@ -124,7 +145,7 @@ def write_tokens(row: dict, *, out_dir: str, delay: float = 0.0) -> dict:
     samples = []
     for seg in meta["segments"]:
         s = {"__key__": seg["key"], "json": sample_json(clips[seg["clip_id"]], seg, sr)}
-        for name in ENTRIES:
+        for name in stream_entries(streams):
             s[name] = arrays[f"{seg['key']}|{name}"]
         samples.append(s)
     timings = {
@@ -132,16 +153,29 @@ def write_tokens(row: dict, *, out_dir: str, delay: float = 0.0) -> dict:
         "model_s": round(meta.get("model_s", 0.0), 4),
         "actor": meta.get("actor"),
     }
-    record = write_group(group, samples, meta["errors"], out_dir=out_dir, kind="tokens", timings=timings, delay=delay)
+    record = write_group(
+        group, samples, meta["errors"], out_dir=out_dir, kind="tokens", timings=timings, delay=delay, streams=streams
+    )
     return {"record": json.dumps(record)}
 
 
-def build_bundle(tok_cfg: dict):
+def streams_config(tok_cfg: dict, streams) -> dict:
+    """The ``tokenizers:`` section reduced to the tokenizers ``streams`` are made by (acoustic ->
+    acoustic, semantic -> semantic, mulan -> mulan, cond -> mulan + quantizer): the others are
+    neither loaded nor fingerprinted."""
+    from musiclm.data.shards import STREAMS, stream_tokenizers
+
+    every = {t for _entry, toks in STREAMS.values() for t in toks}
+    needed = set(stream_tokenizers(streams))
+    return {k: v for k, v in tok_cfg.items() if k not in every or k in needed}
+
+
+def build_bundle(tok_cfg: dict, entries: tuple[str, ...] = ENTRIES):
     """The driver's bundle: fingerprints (the output folder name) and frame rates."""
     from musiclm.tokenizers import build_tokenizers
 
     bundle = build_tokenizers(tok_cfg, device="cpu")
-    missing = [e for e in ENTRIES if e not in bundle.available()]
+    missing = [e for e in entries if e not in bundle.available()]
     if missing:
         hints = {
             "semantic.npy": "semantic k-means (ray_jobs/fit_kmeans.py)",
@@ -158,14 +192,30 @@ def build_bundle(tok_cfg: dict):
     return bundle
 
 
+def _add_arguments(p) -> None:
+    p.add_argument(
+        "--streams",
+        default=",".join(ALL_STREAMS),
+        help="token streams to write, comma-separated, of: acoustic (codec codes), semantic (k-means ids), "
+        "mulan (the MuLaN audio embedding), cond (its conditioning tokens: MuLaN model + quantizer). "
+        "A subset loads only the tokenizers it needs and writes a folder of its own; e.g. semantic,cond "
+        "is what the semantic stage reads",
+    )
+
+
 def _setup(job: Job) -> None:
-    from musiclm.data.shards import token_shard_dir
+    from musiclm.data.shards import parse_streams, stream_entries, token_shard_dir
 
     args, cfg = job.args, job.cfg
     if not args.config:
         job.parser.error("--config is required (the tokenizers: section, e.g. launch/configs/tokenizers.yaml)")
-    tok_cfg = tokenizers_section(cfg)
-    bundle = build_bundle(tok_cfg)
+    try:
+        streams = parse_streams(args.streams)
+    except ValueError as e:
+        job.parser.error(f"--streams: {e}")
+    entries = stream_entries(streams)
+    tok_cfg = streams_config(tokenizers_section(cfg), streams)
+    bundle = build_bundle(tok_cfg, entries)
     fingerprints = bundle.fingerprints()
     rates = bundle.frame_rates()
     job.grid_seconds = S.time_grid(rates.values())
@@ -177,14 +227,14 @@ def _setup(job: Job) -> None:
     S.segment_bounds(
         0, job.sample_rate, job.segment_seconds, grid_seconds=job.grid_seconds
     )  # validates the length vs the grid
-    job.out_dir = token_shard_dir(args.out, dataset_name(args), fingerprints)
+    job.out_dir = token_shard_dir(args.out, dataset_name(args), fingerprints, streams)
     job.params = {
         "sample_rate": job.sample_rate,
         "segment_seconds": job.segment_seconds,
         "min_segment_seconds": job.min_seconds,
         "grid_seconds": job.grid_seconds,
     }
-    job.data.update(tok_cfg=tok_cfg, fingerprints=fingerprints, rates=rates)
+    job.data.update(tok_cfg=tok_cfg, fingerprints=fingerprints, rates=rates, streams=streams, entries=entries)
 
 
 def _stages(job: Job, ds):
@@ -206,17 +256,23 @@ def _stages(job: Job, ds):
             threads=wp["threads"],
             batch_size=args.batch_size,
             expected_hash=fingerprint_hash(job.data["fingerprints"]),
+            entries=job.data["entries"],
         ),
     )
-    return ds.map(write_tokens, num_cpus=args.task_cpus, fn_kwargs=dict(out_dir=job.out_dir, delay=job.group_delay))
+    return ds.map(
+        write_tokens,
+        num_cpus=args.task_cpus,
+        fn_kwargs=dict(out_dir=job.out_dir, delay=job.group_delay, streams=job.data["streams"]),
+    )
 
 
 def _complete(job: Job) -> dict:
-    return finish(
+    summary = finish(
         job="tokenize",
         out_dir=job.out_dir,
         kind="tokens",
         fingerprints=job.data["fingerprints"],
+        streams=job.data["streams"],
         groups=job.groups,
         plan_errors=job.plan_errors,
         state=job.state,
@@ -231,10 +287,21 @@ def _complete(job: Job) -> dict:
         ray_info=job.ray_info,
         t_start=job.t_start,
     )
+    summary["streams"] = list(job.data["streams"])
+    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_job("tokenize", __doc__, argv, setup=_setup, stages=_stages, complete=_complete, shard_clips=32)
+    return run_job(
+        "tokenize",
+        __doc__,
+        argv,
+        setup=_setup,
+        stages=_stages,
+        complete=_complete,
+        add_arguments=_add_arguments,
+        shard_clips=32,
+    )
 
 
 if __name__ == "__main__":

@@ -52,6 +52,13 @@ PAD, BOS, SEP, EOS, NULL_COND = range(len(SPECIALS))
 N_SPECIAL = len(SPECIALS)
 
 STAGES = ("semantic", "coarse", "fine")
+# The token-shard streams each stage reads (musiclm.data.shards.STREAMS): the conditioning tokens and
+# the streams of its prefix and target. ``mulan`` (the embedding itself) is read by none of them.
+STAGE_STREAMS = {
+    "semantic": ("semantic", "cond"),
+    "coarse": ("acoustic", "semantic", "cond"),
+    "fine": ("acoustic", "cond"),
+}
 PAPER_WINDOWS = {"semantic": 30.0, "coarse": 10.0, "fine": 3.0}
 DEMO_WINDOWS = {"semantic": 10.0, "coarse": 5.0, "fine": 2.0}
 
@@ -157,6 +164,7 @@ class Stage:
         }[name]
         self.uses_semantic = name in ("semantic", "coarse")
         self.uses_acoustic = name in ("coarse", "fine")
+        self.streams = STAGE_STREAMS[name]
         self.acoustic_levels_in_vocab = {"semantic": 0, "coarse": lay.coarse_levels, "fine": lay.acoustic_levels}[name]
         if name == "coarse":
             self.target_levels = list(range(lay.coarse_levels))

@@ -38,6 +38,7 @@ __all__ = [
     "ShardIntegrityError",
     "SampleError",
     "check_shard_fingerprints",
+    "StreamMissing",
     "resolve_shard_dirs",
     "BatchStream",
     "eval_batches",
@@ -157,33 +158,80 @@ class NoMatchingShards(_shards.FingerprintMismatch):
         )
 
 
-def check_shard_fingerprints(dirs, expected: dict | None, expected_hash: str | None = None) -> list[dict]:
+class StreamMissing(_shards.FingerprintMismatch):
+    """A stage reads a token stream that a shard folder does not carry (e.g. the coarse stage on
+    shards tokenized with ``--streams semantic,cond``)."""
+
+    def __init__(self, stage: str, stream: str, folder: str, present: tuple[str, ...]):
+        self.stage, self.stream, self.folder, self.present = stage, stream, folder, present
+        self.tokenizer, self.field, self.expected, self.found = stream, "streams", stream, list(present)
+        ValueError.__init__(
+            self,
+            f"{folder}: stage {stage} reads the {stream} stream ({_shards.STREAMS[stream][0]}), but these shards "
+            f"carry only {', '.join(present)} (index.json streams); tokenize with --streams including {stream}, "
+            f"or point data.shards at a folder that has it",
+        )
+
+
+def check_shard_fingerprints(
+    dirs,
+    expected: dict | None,
+    expected_hash: str | None = None,
+    *,
+    streams=None,
+    stage: str | None = None,
+) -> list[dict]:
     """Refuse shard directories whose tokenizer fingerprints do not match the config.
 
     ``expected``: fields per tokenizer (``{"acoustic": {"frame_rate": 75, ...}}``, from the
     config's ``tokens:`` section through the stage), checked with
     ``musiclm.data.shards.check_fingerprints``; ``expected_hash`` (optional): the exact
-    ``fingerprint_hash`` of all fingerprints. Raises ``FingerprintMismatch`` naming the index, the
-    tokenizer and the field. Returns the indexes read."""
+    ``fingerprint_hash`` of the folder (its fingerprints and streams). Raises ``FingerprintMismatch``
+    naming the index, the tokenizer and the field.
+
+    ``streams`` (optional): the token streams the ``stage`` reads. A folder without one of them is
+    refused with :class:`StreamMissing` (stage, stream and folder named); a folder with only those
+    streams is accepted, and the expected fields of tokenizers that the folder was not made with
+    and the stage does not need (the acoustic codec for semantic-only shards) are not asked for.
+    Without ``streams`` every expected tokenizer must be in the index. Returns the indexes read."""
     indexes = []
     for d in as_list(dirs):
         index = _shards.read_index(d)
         where = f"{d}/index.json"
-        if expected:
-            _shards.check_fingerprints(d, expected)
+        want = expected
+        if streams is not None:
+            present = _shards.index_streams(index)
+            for stream in _shards.parse_streams(streams):
+                if stream not in present:
+                    raise StreamMissing(stage or "?", stream, d, present)
+            if want:
+                needed = set(_shards.stream_tokenizers(streams))
+                found = index.get("fingerprints") or {}
+                want = {t: f for t, f in want.items() if t in found or t in needed}
+        if want:
+            _shards.check_fingerprints(d, want)
         if expected_hash:
-            got = _shards.fingerprint_hash(index.get("fingerprints") or {})
+            got = _shards.fingerprint_hash(index.get("fingerprints") or {}, _shards.index_streams(index))
             if str(got) != str(expected_hash):
                 raise FingerprintHashMismatch(where, str(expected_hash), got, sorted(index.get("fingerprints") or {}))
         indexes.append(index)
     return indexes
 
 
-def resolve_shard_dirs(dirs, expected: dict | None, expected_hash: str | None = None) -> tuple[list[str], list[dict]]:
+def resolve_shard_dirs(
+    dirs,
+    expected: dict | None,
+    expected_hash: str | None = None,
+    *,
+    streams=None,
+    stage: str | None = None,
+) -> tuple[list[str], list[dict]]:
     """Shard folders of ``data.shards`` checked against the config; a local glob such as
     ``shards/rapbeats/tokens-*`` resolves to the folder whose fingerprints match (the folder name
-    carries a hash of the tokenizers, unknown before tokenization). Several matching folders are
-    an error unless ``fingerprint_hash`` picks one. Returns (folders, their indexes)."""
+    carries a hash of the tokenizers, unknown before tokenization) and that carries the streams the
+    ``stage`` reads (``streams``, see :func:`check_shard_fingerprints`). Several matching folders
+    are an error unless ``fingerprint_hash`` picks one. Returns (folders, their indexes)."""
+    check = dict(streams=streams, stage=stage)
     import glob as _glob
 
     out, indexes = [], []
@@ -195,7 +243,7 @@ def resolve_shard_dirs(dirs, expected: dict | None, expected_hash: str | None = 
             good, errors = [], []
             for m in cands:
                 try:
-                    indexes_m = check_shard_fingerprints(m, expected, expected_hash)
+                    indexes_m = check_shard_fingerprints(m, expected, expected_hash, **check)
                 except _shards.FingerprintMismatch as e:
                     errors.append(e)
                     continue
@@ -212,7 +260,7 @@ def resolve_shard_dirs(dirs, expected: dict | None, expected_hash: str | None = 
             out.append(good[0][0])
             indexes.append(good[0][1])
         else:
-            indexes.extend(check_shard_fingerprints(d, expected, expected_hash))
+            indexes.extend(check_shard_fingerprints(d, expected, expected_hash, **check))
             out.append(d)
     return out, indexes
 

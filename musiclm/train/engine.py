@@ -308,7 +308,10 @@ class Trainer:
         if not dirs:
             raise ValueError("config has no data.shards (a shard folder, a glob, or a list of them)")
         expected = self.spec.expected_fingerprints(self.cfg) if self.spec.expected_fingerprints else None
-        dirs, indexes = tdata.resolve_shard_dirs(dirs, expected, self.cfg.get("fingerprint_hash"))
+        streams = self.spec.streams(self.cfg) if self.spec.streams else None  # the token streams it reads
+        dirs, indexes = tdata.resolve_shard_dirs(
+            dirs, expected, self.cfg.get("fingerprint_hash"), streams=streams, stage=self.spec.name
+        )
         self.data.shards = dirs
         self.cfg.setdefault("data", {})["shards"] = dirs if len(dirs) > 1 else dirs[0]
         return indexes

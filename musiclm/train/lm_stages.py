@@ -60,13 +60,18 @@ def _make_spec(name: str) -> TrainSpec:
         return stage_for(name, cfg).loss(logits, batch)
 
     def expected_fingerprints(cfg):
-        # the whole tokens: section (every stream the shards carry), not only this stage's streams:
-        # the three stages train on the same shards, and a glob must resolve to the same folder
+        # the whole tokens: section, not only this stage's streams: the three stages usually train
+        # on the same shards, and a glob must resolve to the same folder. The engine asks only for
+        # the tokenizers a folder was made with or this stage's streams need (streams below), so
+        # semantic-only shards need no acoustic fingerprint.
         out: dict = {}
         for other in STAGES:
             for tok, fields_ in stage_for(other, cfg).expected_fingerprint_fields().items():
                 out.setdefault(tok, {}).update(fields_)
         return out
+
+    def streams(cfg):
+        return stage_for(name, cfg).streams
 
     def count_tokens(batch):
         # tokens the model actually runs on (padding excluded)
@@ -95,6 +100,7 @@ def _make_spec(name: str) -> TrainSpec:
         loss=loss,
         configure=configure,
         expected_fingerprints=expected_fingerprints,
+        streams=streams,
         config_keys=("tokens", "model", "cond_dropout", "window_seconds"),
         count_tokens=count_tokens,
         flops_per_token=flops_per_token,

@@ -41,6 +41,10 @@ Optional hooks (defaults are fine for most specs):
   discriminator step.
 - ``expected_fingerprints(cfg) -> dict``: tokenizer fingerprint fields the shards must have,
   ``{"acoustic": {"frame_rate": 75, ...}, ...}``; checked against ``index.json`` before training.
+- ``streams(cfg) -> tuple[str, ...]``: the token-shard streams the stage reads (of ``acoustic``,
+  ``semantic``, ``mulan``, ``cond``; see ``musiclm.data.shards.STREAMS``). Shards that carry only
+  these are accepted, and a folder without one of them is refused naming the stage, the stream
+  and the folder; without the hook a stage reads whatever the shards carry.
 - ``count_tokens(batch) -> int``: tokens processed in a batch (tokens/s, MFU); default: numel of
   ``batch["tokens"]`` when present, else the batch size.
 - ``flops_per_token(model, cfg) -> float``: training FLOPs per token for MFU; default 6·N.
@@ -77,6 +81,7 @@ class TrainSpec:
     configure: Callable[[dict], None] | None = None
     eval_step: Callable[[Any, dict, dict], tuple] | None = None
     expected_fingerprints: Callable[[dict], dict] | None = None
+    streams: Callable[[dict], tuple[str, ...]] | None = None
     count_tokens: Callable[[dict], int] | None = None
     flops_per_token: Callable[[Any, dict], float] | None = None
     model_config: Callable[[dict], dict] | None = None

@@ -13,7 +13,8 @@ Layout (see ``shards/README.md`` for the full schema)::
 ``<root>`` is a local folder or an ``s3://bucket/prefix`` URL. One sample = one segment of one
 clip, key ``<clip-id>__<segment:04d>`` (no dots). Token samples hold ``acoustic.npy`` (int16
 [Q, T_a]), ``semantic.npy`` (int16 [T_s]), ``mulan.npy`` (float16 [D]), ``cond.npy`` (int16
-[namespaces, K]) and ``json``; audio samples hold ``flac`` (mono) and ``json``.
+[namespaces, K]) and ``json``, or the entries of a subset of those streams that index.json names
+(``"streams"``, :data:`STREAMS`); audio samples hold ``flac`` (mono) and ``json``.
 
 Atomic visibility: a shard is written to a hidden temp file (``.<name>.<random>.partial``, in the
 shard folder locally, in the system temp folder for S3) and only then appears under its final
@@ -28,12 +29,13 @@ Readers decode only ``.npy`` (``allow_pickle=False``), ``.json`` and ``.txt``; o
 
 from __future__ import annotations
 
-from .encoding import encode_sample, sample_seconds, validate_sample
+from .encoding import encode_sample, required_entries, sample_seconds, validate_sample
 from .index import check_fingerprints, list_shards, read_index, write_index
 from .reader import ShardReader, decode_sample, shard_reader
-from .schema import (EXTRA_EXTENSIONS, INDEX_NAME, KEY_RE, MAX_TAR_NAME, PARTIAL_SUFFIX, REQUIRED, SHARD_RE, SPLIT_RE,
-                     TOKEN_ARRAYS, FingerprintMismatch, ShardError, audio_shard_dir, fingerprint_hash, json_default,
-                     sample_key, shard_name, token_shard_dir)
+from .schema import (ALL_STREAMS, EXTRA_EXTENSIONS, INDEX_NAME, KEY_RE, MAX_TAR_NAME, PARTIAL_SUFFIX, REQUIRED,
+                     SHARD_RE, SPLIT_RE, STREAMS, TOKEN_ARRAYS, FingerprintMismatch, ShardError, audio_shard_dir,
+                     fingerprint_hash, index_streams, json_default, parse_streams, sample_key, shard_name,
+                     stream_entries, stream_tokenizers, token_shard_dir)
 from .verify import inspect, verify
 from .writer import ShardWriter, remove_partials
 
@@ -47,6 +49,7 @@ __all__ = [
     "shard_name",
     "sample_key",
     "validate_sample",
+    "required_entries",
     "encode_sample",
     "decode_sample",
     "write_index",
@@ -69,5 +72,11 @@ __all__ = [
     "SPLIT_RE",
     "TOKEN_ARRAYS",
     "json_default",
+    "STREAMS",
+    "ALL_STREAMS",
+    "parse_streams",
+    "stream_entries",
+    "stream_tokenizers",
+    "index_streams",
     "sample_seconds",
 ]

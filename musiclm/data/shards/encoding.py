@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from .schema import EXTRA_EXTENSIONS, KEY_RE, MAX_TAR_NAME, REQUIRED, TOKEN_ARRAYS, json_default
+from .schema import EXTRA_EXTENSIONS, KEY_RE, MAX_TAR_NAME, REQUIRED, TOKEN_ARRAYS, json_default, stream_entries
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -24,17 +24,27 @@ def sample_seconds(js: dict) -> float | None:
     return None
 
 
-def validate_sample(sample: dict, kind: str) -> None:
-    """Raise ValueError if a writer input breaks the contract (entries, dtypes, ndim, key)."""
+def required_entries(kind: str, streams=None) -> tuple[str, ...]:
+    """Entries every sample of a folder has: audio ``flac`` + ``json``; tokens the entries of its
+    streams (all four by default) + ``json``."""
+    if kind == "tokens":
+        return stream_entries(streams) + ("json",)
+    return REQUIRED[kind]
+
+
+def validate_sample(sample: dict, kind: str, streams=None) -> None:
+    """Raise ValueError if a writer input breaks the contract (entries, dtypes, ndim, key).
+    ``streams`` (tokens): the folder's streams; a token entry of another stream is refused."""
     key = sample.get("__key__")
     if not isinstance(key, str) or not KEY_RE.match(key):
         raise ValueError(
             f"sample key {key!r}: must be letters, digits, '_' and '-' only, not starting with '__' (no dots: "
             f"webdataset splits entry names at the first dot), e.g. '<clip-id>__0003'"
         )
-    for name in REQUIRED[kind]:
+    required = required_entries(kind, streams)
+    for name in required:
         if name not in sample:
-            raise ValueError(f"sample {key!r}: missing entry {name!r} (a {kind} sample needs {', '.join(REQUIRED[kind])})")
+            raise ValueError(f"sample {key!r}: missing entry {name!r} (a {kind} sample needs {', '.join(required)})")
     longest = max(len(k) for k in sample if k != "__key__")
     if len(key) + 1 + longest > MAX_TAR_NAME:
         raise ValueError(f"sample key {key!r} is too long (entry names must fit {MAX_TAR_NAME} characters)")
@@ -42,6 +52,10 @@ def validate_sample(sample: dict, kind: str) -> None:
         if name.startswith("__"):
             continue
         if kind == "tokens" and name in TOKEN_ARRAYS:
+            if name not in required:
+                raise ValueError(
+                    f"sample {key!r}: {name} is not one of this folder's streams ({', '.join(required[:-1])})"
+                )
             dtype, ndim = TOKEN_ARRAYS[name]
             if not isinstance(value, np.ndarray):
                 raise ValueError(f"sample {key!r}: {name} must be a numpy array, got {type(value).__name__}")

@@ -10,7 +10,8 @@ from typing import Any, Iterable
 from musiclm.data import storage
 from musiclm.fingerprint import canonical_json
 
-from .schema import INDEX_NAME, REQUIRED, SHARD_RE, FingerprintMismatch, ShardError, fingerprint_hash, json_default
+from .schema import (INDEX_NAME, REQUIRED, SHARD_RE, FingerprintMismatch, ShardError, fingerprint_hash, json_default,
+                     parse_streams)
 
 
 def _sum_tokens(records: Iterable[dict]) -> dict[str, int]:
@@ -21,12 +22,21 @@ def _sum_tokens(records: Iterable[dict]) -> dict[str, int]:
     return out
 
 
-def write_index(directory: str, shards: list[dict], *, kind: str, fingerprints: dict, extra: dict | None = None) -> dict:
+def write_index(
+    directory: str,
+    shards: list[dict],
+    *,
+    kind: str,
+    fingerprints: dict,
+    extra: dict | None = None,
+    streams=None,
+) -> dict:
     """Write ``<directory>/index.json`` atomically from writer records; returns the index.
 
     ``{"format": "musiclm-shards", "version": 1, "kind", "created", "fingerprints",
     "fingerprint_hash", "shards": [records sorted by name], "splits": {split: {"shards",
-    "samples", "hours", "bytes", "tokens"}}, "samples", "hours", "bytes", "tokens", **extra}``."""
+    "samples", "hours", "bytes", "tokens"}}, "samples", "hours", "bytes", "tokens", **extra}``;
+    token indexes also ``"streams"`` (default all four), which ``fingerprint_hash`` covers."""
     if kind not in REQUIRED:
         raise ValueError(f"kind must be 'tokens' or 'audio', got {kind!r}")
     by_name: dict[str, dict] = {}
@@ -56,13 +66,14 @@ def write_index(directory: str, shards: list[dict], *, kind: str, fingerprints: 
         for name, s in sorted(splits.items())
     }
     fingerprints = json.loads(canonical_json(fingerprints or {}))
+    stream_list = parse_streams(streams) if kind == "tokens" else None
     index: dict[str, Any] = {
         "format": "musiclm-shards",
         "version": 1,
         "kind": kind,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "fingerprints": fingerprints,
-        "fingerprint_hash": fingerprint_hash(fingerprints),
+        "fingerprint_hash": fingerprint_hash(fingerprints, stream_list),
         "shards": records,
         "splits": split_summary,
         "samples": sum(s["samples"] for s in split_summary.values()),
@@ -70,6 +81,8 @@ def write_index(directory: str, shards: list[dict], *, kind: str, fingerprints: 
         "bytes": sum(s["bytes"] for s in split_summary.values()),
         "tokens": _sum_tokens(records),
     }
+    if stream_list is not None:
+        index["streams"] = list(stream_list)
     for k, v in (extra or {}).items():
         if k in index:
             raise ValueError(f"extra index field {k!r} would replace a standard field")

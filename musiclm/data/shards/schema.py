@@ -30,6 +30,17 @@ REQUIRED = {
 }
 EXTRA_EXTENSIONS = ("npy", "json", "txt")
 
+# The token streams a token shard may carry: stream -> (its entry, the tokenizers it is made by).
+# A folder carries all four (the default) or a subset (``ray_jobs/tokenize.py --streams``), named in
+# index.json's "streams"; every sample of the folder has exactly those entries plus ``json``.
+STREAMS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "acoustic": ("acoustic.npy", ("acoustic",)),  # codec codes
+    "semantic": ("semantic.npy", ("semantic",)),  # k-means ids of the semantic features
+    "mulan": ("mulan.npy", ("mulan",)),  # the MuLaN audio embedding
+    "cond": ("cond.npy", ("mulan", "quantizer")),  # conditioning tokens: the embedding, quantized
+}
+ALL_STREAMS = tuple(STREAMS)
+
 
 class ShardError(ValueError):
     """A shard (or index) breaks the contract; names the shard and, when known, the key."""
@@ -67,14 +78,54 @@ def json_default(o: Any):
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
-def fingerprint_hash(fingerprints: dict) -> str:
+def parse_streams(streams: str | list | tuple | None) -> tuple[str, ...]:
+    """Stream names (``"semantic,cond"`` or a list; None: all) -> a tuple in canonical order
+    (acoustic, semantic, mulan, cond). Unknown or no names raise ValueError."""
+    if streams is None:
+        return ALL_STREAMS
+    names = [n.strip() for n in streams.split(",")] if isinstance(streams, str) else [str(n).strip() for n in streams]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in STREAMS]
+    if unknown:
+        raise ValueError(f"unknown token stream(s) {unknown}: choose from {', '.join(ALL_STREAMS)}")
+    if not names:
+        raise ValueError(f"no token stream named: choose from {', '.join(ALL_STREAMS)}")
+    return tuple(n for n in ALL_STREAMS if n in names)
+
+
+def stream_entries(streams) -> tuple[str, ...]:
+    """Shard entries of these streams (``("semantic.npy", "cond.npy")``)."""
+    return tuple(STREAMS[n][0] for n in parse_streams(streams))
+
+
+def stream_tokenizers(streams) -> tuple[str, ...]:
+    """Tokenizers whose fingerprints these streams depend on (``cond`` -> mulan + quantizer)."""
+    out: list[str] = []
+    for n in parse_streams(streams):
+        out += [t for t in STREAMS[n][1] if t not in out]
+    return tuple(out)
+
+
+def index_streams(index: dict) -> tuple[str, ...]:
+    """The streams a token-shard index says its samples carry (indexes written before subsets
+    existed have no "streams": they carry all four)."""
+    return parse_streams(index.get("streams"))
+
+
+def fingerprint_hash(fingerprints: dict, streams=None) -> str:
     """10 hex characters: sha256 of the canonical JSON (sorted keys, no spaces) of all fingerprints
-    (:func:`musiclm.fingerprint.canonical_hash`)."""
-    return canonical_hash(fingerprints, n=10)
+    (:func:`musiclm.fingerprint.canonical_hash`). A subset of the streams hashes the fingerprints
+    together with the stream list, so e.g. semantic + cond and acoustic + semantic + cond shards made
+    by the same four tokenizers land in different folders; all four streams hash the fingerprints
+    alone (the folder names of full shards are unchanged)."""
+    streams = parse_streams(streams)
+    if streams == ALL_STREAMS:
+        return canonical_hash(fingerprints, n=10)
+    return canonical_hash({"fingerprints": fingerprints, "streams": list(streams)}, n=10)
 
 
-def token_shard_dir(root: str, dataset: str, fingerprints: dict) -> str:
-    return storage.join(root, dataset, f"tokens-{fingerprint_hash(fingerprints)}")
+def token_shard_dir(root: str, dataset: str, fingerprints: dict, streams=None) -> str:
+    return storage.join(root, dataset, f"tokens-{fingerprint_hash(fingerprints, streams)}")
 
 
 def audio_shard_dir(root: str, dataset: str) -> str:

@@ -14,10 +14,10 @@ import numpy as np
 
 from musiclm.data import storage
 
-from .encoding import sample_seconds
+from .encoding import required_entries, sample_seconds
 from .index import list_shards, read_index
 from .schema import (EXTRA_EXTENSIONS, INDEX_NAME, KEY_RE, PARTIAL_SUFFIX, REQUIRED, SHARD_RE, TOKEN_ARRAYS,
-                     ShardError, fingerprint_hash)
+                     ShardError, fingerprint_hash, index_streams)
 
 
 def inspect(directory: str) -> dict:
@@ -44,6 +44,7 @@ def inspect(directory: str) -> dict:
         "tokens": index.get("tokens", {}),
         "splits": index.get("splits", {}),
         "fingerprint_hash": index.get("fingerprint_hash"),
+        "streams": list(index_streams(index)) if index.get("kind") == "tokens" else None,
         "fingerprints": {
             k: {f: v.get(f) for f in ("name", "kind", "frame_rate", "levels", "codebook_size", "vocab_size", "dim", "namespaces", "weights_sha256") if f in v}
             for k, v in fps.items()
@@ -81,9 +82,12 @@ def _check_range(arr: np.ndarray, hi, name: str, source: str) -> str | None:
 
 
 def _check_token_sample(key: str, entries: dict[str, bytes], exp: _Expect) -> tuple[str | None, dict]:
-    """(reason or None, decoded arrays) for one token sample."""
+    """(reason or None, decoded arrays) for one token sample (the arrays of its folder's streams;
+    the caller has checked that exactly those are present)."""
     arrays: dict[str, np.ndarray] = {}
     for name, (dtype, ndim) in TOKEN_ARRAYS.items():
+        if name not in entries:
+            continue
         try:
             a = np.load(io.BytesIO(entries[name]), allow_pickle=False)
         except Exception as e:
@@ -95,24 +99,26 @@ def _check_token_sample(key: str, entries: dict[str, bytes], exp: _Expect) -> tu
         if a.size == 0:
             return f"{name} is empty {list(a.shape)}", {}
         arrays[name] = a
-    ac, se, mu, co = (arrays[n] for n in TOKEN_ARRAYS)
-    if exp.levels is not None and ac.shape[0] != exp.levels:
+    ac, se, mu, co = (arrays.get(n) for n in TOKEN_ARRAYS)
+    if ac is not None and exp.levels is not None and ac.shape[0] != exp.levels:
         return f"acoustic.npy has {ac.shape[0]} levels, the acoustic fingerprint in index.json says {exp.levels}", {}
     for arr, hi, name, src in (
         (ac, exp.acoustic_codebook, "acoustic.npy", "acoustic codebook_size"),
         (se, exp.semantic_vocab, "semantic.npy", "semantic vocab_size"),
         (co, exp.cond_codebook, "cond.npy", "quantizer codebook_size"),
     ):
-        r = _check_range(arr, hi, name, src)
+        r = _check_range(arr, hi, name, src) if arr is not None else None
         if r:
             return r, {}
-    if exp.mulan_dim is not None and mu.shape[0] != exp.mulan_dim:
-        return f"mulan.npy has dim {mu.shape[0]}, the mulan fingerprint in index.json says {exp.mulan_dim}", {}
-    if not np.isfinite(mu).all():
-        return "mulan.npy has non-finite values", {}
-    if exp.cond_shape is not None and tuple(co.shape) != exp.cond_shape:
-        return f"cond.npy has shape {list(co.shape)}, the quantizer fingerprint in index.json says {list(exp.cond_shape)}", {}
-    if exp.acoustic_rate and exp.semantic_rate:
+    if mu is not None:
+        if exp.mulan_dim is not None and mu.shape[0] != exp.mulan_dim:
+            return f"mulan.npy has dim {mu.shape[0]}, the mulan fingerprint in index.json says {exp.mulan_dim}", {}
+        if not np.isfinite(mu).all():
+            return "mulan.npy has non-finite values", {}
+    if co is not None and exp.cond_shape is not None and tuple(co.shape) != exp.cond_shape:
+        want = list(exp.cond_shape)
+        return f"cond.npy has shape {list(co.shape)}, the quantizer fingerprint in index.json says {want}", {}
+    if ac is not None and se is not None and exp.acoustic_rate and exp.semantic_rate:
         ta, ts = ac.shape[1] / exp.acoustic_rate, se.shape[0] / exp.semantic_rate
         tol = max(0.1, 2.0 / min(exp.acoustic_rate, exp.semantic_rate))
         if abs(ta - ts) > tol:
@@ -161,16 +167,20 @@ def _tar_tail_ok(url: str, size: int) -> bool:
         return f.read(1024) == b"\0" * 1024
 
 
-def _verify_shard(url: str, kind: str, exp: _Expect, seen_keys: dict[str, str]) -> dict:
+def _verify_shard(url: str, kind: str, exp: _Expect, seen_keys: dict[str, str], streams=None) -> dict:
     name = storage.basename(url)
-    required = set(REQUIRED[kind])
-    stats = {"samples": 0, "seconds": 0.0, "tokens": {"acoustic": 0, "semantic": 0}}
+    required = set(required_entries(kind, streams))
+    counted = [s for s in ("acoustic", "semantic") if f"{s}.npy" in required]
+    stats = {"samples": 0, "seconds": 0.0, "tokens": {s: 0 for s in counted}}
 
     def finish(key: str, entries: dict[str, bytes]) -> None:
         missing = required - set(entries)
         if missing:
             raise ShardError(name, key, f"missing entr{'y' if len(missing) == 1 else 'ies'} {', '.join(sorted(missing))}")
         for e in entries:
+            if e not in required and e in TOKEN_ARRAYS and kind == "tokens":
+                listed = ", ".join(streams)
+                raise ShardError(name, key, f"entry {e} is not one of the streams index.json names ({listed})")
             if e not in required and e.rsplit(".", 1)[-1] not in EXTRA_EXTENSIONS:
                 raise ShardError(name, key, f"unexpected entry {e!r}")
         if not KEY_RE.match(key):
@@ -191,12 +201,14 @@ def _verify_shard(url: str, kind: str, exp: _Expect, seen_keys: dict[str, str]) 
             reason, arrays = _check_token_sample(key, entries, exp)
             if reason:
                 raise ShardError(name, key, reason)
-            if secs is not None and exp.acoustic_rate:
-                t = arrays["acoustic.npy"].shape[1] / exp.acoustic_rate
-                if abs(t - secs) > max(0.1, 2.0 / exp.acoustic_rate):
-                    raise ShardError(name, key, f"json says {secs:.3f} s but acoustic.npy holds {t:.3f} s at {exp.acoustic_rate} Hz")
-            stats["tokens"]["acoustic"] += int(arrays["acoustic.npy"].size)
-            stats["tokens"]["semantic"] += int(arrays["semantic.npy"].size)
+            for stream, rate in (("acoustic", exp.acoustic_rate), ("semantic", exp.semantic_rate)):
+                if secs is not None and rate and f"{stream}.npy" in arrays:
+                    t = arrays[f"{stream}.npy"].shape[-1] / rate
+                    if abs(t - secs) > max(0.1, 2.0 / rate):
+                        why = f"json says {secs:.3f} s but {stream}.npy holds {t:.3f} s at {rate} Hz"
+                        raise ShardError(name, key, why)
+            for stream in counted:
+                stats["tokens"][stream] += int(arrays[f"{stream}.npy"].size)
         else:
             try:
                 import soundfile as sf
@@ -242,9 +254,13 @@ def verify(directory: str) -> dict:
     if kind not in REQUIRED:
         raise ShardError(INDEX_NAME, None, f"unknown kind {kind!r}")
     fps = index.get("fingerprints") or {}
+    try:
+        streams = index_streams(index) if kind == "tokens" else None
+    except ValueError as e:
+        raise ShardError(INDEX_NAME, None, f"streams: {e}") from None
     folder = storage.basename(directory)
     if folder.startswith("tokens-"):
-        want = fingerprint_hash(fps)
+        want = fingerprint_hash(fps, streams)
         if folder[len("tokens-"):] != want:
             raise ShardError(
                 INDEX_NAME, None,
@@ -263,7 +279,8 @@ def verify(directory: str) -> dict:
             raise ShardError(n, None, "in the folder but not in index.json")
     exp = _Expect(fps)
     seen: dict[str, str] = {}
-    totals = {"samples": 0, "seconds": 0.0, "tokens": {"acoustic": 0, "semantic": 0}, "bytes": 0}
+    counted = [s for s in ("acoustic", "semantic") if s in (streams or ())]
+    totals = {"samples": 0, "seconds": 0.0, "tokens": {s: 0 for s in counted}, "bytes": 0}
     splits: dict[str, int] = {}
     for n in sorted(records):
         rec, url = records[n], on_disk[n]
@@ -271,11 +288,11 @@ def verify(directory: str) -> dict:
         size_bad = rec.get("bytes") is not None and int(rec["bytes"]) != nbytes
         if size_bad or not _tar_tail_ok(url, nbytes):
             # read it first: a tar cut inside an entry gets the more precise message (shard + key)
-            _verify_shard(url, kind, exp, dict(seen))
+            _verify_shard(url, kind, exp, dict(seen), streams)
             if size_bad:
                 raise ShardError(n, None, f"{nbytes} bytes, index.json says {rec['bytes']} (truncated or replaced)")
             raise ShardError(n, None, "no end-of-archive marker: the tar is truncated")
-        st = _verify_shard(url, kind, exp, seen)
+        st = _verify_shard(url, kind, exp, seen, streams)
         if int(rec["samples"]) != st["samples"]:
             raise ShardError(n, None, f"{st['samples']} samples, index.json says {rec['samples']}")
         if kind == "tokens" and rec.get("tokens") is not None:
@@ -288,7 +305,7 @@ def verify(directory: str) -> dict:
         totals["seconds"] += st["seconds"]
         totals["bytes"] += nbytes
         for k, v in st["tokens"].items():
-            totals["tokens"][k] += v
+            totals["tokens"][k] = totals["tokens"].get(k, 0) + v
         splits[rec["split"]] = splits.get(rec["split"], 0) + st["samples"]
     return {
         "ok": True,
@@ -301,4 +318,5 @@ def verify(directory: str) -> dict:
         "tokens": totals["tokens"] if kind == "tokens" else {},
         "splits": dict(sorted(splits.items())),
         "fingerprint_hash": index.get("fingerprint_hash"),
+        "streams": list(streams) if streams is not None else None,
     }

@@ -12,7 +12,7 @@ import weakref
 from musiclm.data import storage
 
 from .encoding import encode_sample, sample_seconds, validate_sample
-from .schema import PARTIAL_SUFFIX, REQUIRED, SPLIT_RE, shard_name
+from .schema import PARTIAL_SUFFIX, REQUIRED, SPLIT_RE, parse_streams, shard_name
 
 
 def _cleanup_tmp(path: str | None, fileobj, tar) -> None:
@@ -35,14 +35,14 @@ def _cleanup_tmp(path: str | None, fileobj, tar) -> None:
 
 
 class _OpenShard:
-    def __init__(self, final_url: str, tmp_path: str):
+    def __init__(self, final_url: str, tmp_path: str, counted: tuple[str, ...]):
         self.final_url = final_url
         self.tmp_path = tmp_path
         self.file = open(tmp_path, "wb")
         self.tar = tarfile.open(fileobj=self.file, mode="w|", format=tarfile.USTAR_FORMAT)
         self.samples = 0
         self.seconds = 0.0
-        self.tokens = {"acoustic": 0, "semantic": 0}
+        self.tokens = {s: 0 for s in counted}
         self.finalizer = weakref.finalize(self, _cleanup_tmp, tmp_path, self.file, self.tar)
 
     def add(self, key: str, entries: dict[str, bytes]) -> None:
@@ -68,7 +68,9 @@ class ShardWriter:
     ``close()`` finishes the last shard and returns one record per shard written:
     ``{"name", "split", "samples", "seconds", "tokens": {"acoustic", "semantic"}, "bytes"}``
     (acoustic tokens count every code, Q x T_a; seconds sum each sample's json end - start),
-    which :func:`write_index` takes. As a context manager, an exception discards the shard in
+    which :func:`write_index` takes. ``streams`` (token shards): the streams every sample carries
+    (default all four: acoustic, semantic, mulan, cond; see ``schema.STREAMS``); token counts are
+    kept for the acoustic and semantic streams among them. As a context manager, an exception discards the shard in
     progress (completed shards stay, listed in ``.shards``). An existing shard with the same name
     is replaced: give parallel writers disjoint ``start_shard`` ranges.
     """
@@ -82,6 +84,7 @@ class ShardWriter:
         max_samples: int = 256,
         max_bytes: int = 256 * 2**20,
         start_shard: int = 0,
+        streams=None,
     ):
         if kind not in REQUIRED:
             raise ValueError(f"kind must be 'tokens' or 'audio', got {kind!r}")
@@ -92,6 +95,8 @@ class ShardWriter:
         self.directory = os.fspath(directory)
         self.split = split
         self.kind = kind
+        self.streams = parse_streams(streams) if kind == "tokens" else None
+        self._counted = tuple(s for s in ("acoustic", "semantic") if s in (self.streams or ()))
         self.max_samples = max_samples
         self.max_bytes = max_bytes
         self.next_shard = start_shard
@@ -117,13 +122,13 @@ class ShardWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=PARTIAL_SUFFIX, dir=tmp_dir)
         os.fchmod(fd, storage.file_mode())  # mkstemp makes 0600; a published shard follows the umask
         os.close(fd)
-        return _OpenShard(storage.join(self.directory, name), tmp)
+        return _OpenShard(storage.join(self.directory, name), tmp, self._counted)
 
     def write(self, sample: dict) -> None:
         """Validate and append one sample (see the module docstring for entries and dtypes)."""
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
-        validate_sample(sample, self.kind)
+        validate_sample(sample, self.kind, self.streams)
         entries = encode_sample(sample)
         if self._cur is not None and (self._cur.samples >= self.max_samples or self._cur.bytes >= self.max_bytes):
             self._finish()
@@ -136,9 +141,8 @@ class ShardWriter:
         if secs is None and self.kind == "audio":
             secs = _flac_seconds(entries["flac"])
         cur.seconds += secs or 0.0
-        if self.kind == "tokens":
-            cur.tokens["acoustic"] += int(sample["acoustic.npy"].size)
-            cur.tokens["semantic"] += int(sample["semantic.npy"].size)
+        for stream in self._counted:
+            cur.tokens[stream] += int(sample[f"{stream}.npy"].size)
 
     def _finish(self) -> None:
         cur, self._cur = self._cur, None
