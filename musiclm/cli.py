@@ -190,6 +190,57 @@ def _eval_codec(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+# --- generation ------------------------------------------------------------------------------
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from musiclm.generate import GenerationRequestError, MusicLM, parse_story_prompt, sampling_overrides, slugify
+
+    try:
+        if args.prompt and args.caption:
+            raise GenerationRequestError("give a caption or --prompt SECONDS:CAPTION (story mode), not both")
+        caption = [parse_story_prompt(p) for p in args.prompt] if args.prompt else args.caption
+        sampling = sampling_overrides(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale
+        )
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        model = MusicLM.from_pretrained(args.model, device=args.device)
+        result = model.generate(
+            caption,
+            duration=args.duration,
+            num_samples=args.num_samples,
+            seed=args.seed,
+            prompt_audio=args.prompt_audio,
+            unconditional=args.unconditional,
+            sampling=sampling,
+            overlap=args.overlap,
+            progress=not args.no_progress,
+        )
+    except (GenerationRequestError, FileNotFoundError) as err:
+        print(f"generate: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # musiclm.package.PackageMismatch: parts that disagree
+        if type(err).__name__ != "PackageMismatch":
+            raise
+        print(f"generate: {err}", file=sys.stderr)
+        return 2
+    slug = args.slug or slugify(result.request["caption"] or "unconditional")
+    doc = result.save(args.out, slug=slug)
+    _print_json(
+        {
+            "best": f"{args.out}/{doc['candidates'][0]['file']}",
+            "files": [c["file"] for c in doc["candidates"]] + [f"{slug}.json", doc.get("spectrogram")],
+            "scores": [c["score"] for c in doc["candidates"]],
+            "timings_seconds": doc["timings_seconds"],
+            "rtf": doc["rtf"],
+        }
+    )
+    return 0
+
+
 # --- benchmarks ------------------------------------------------------------------------------
 
 
@@ -304,8 +355,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     codec_eval.add_arguments(p)
 
+    p = add("generate", _generate, "caption in, music out: N candidates reranked by MuLaN -> wav + json + png")
+    p.add_argument(
+        "caption", nargs="?", default=None, help="what the music should be (or use --prompt / --unconditional)"
+    )
+    p.add_argument("--model", required=True, help="a `musiclm package` directory (local or s3://)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of audio (with --prompt-audio: clip included)")
+    p.add_argument("--num-samples", type=int, default=4, help="candidates generated as one batch, best kept first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out", help="folder for <slug>.wav, <slug>-2.wav ..., <slug>.json, <slug>.png")
+    p.add_argument("--slug", default=None, help="file name stem (default: from the caption)")
+    p.add_argument(
+        "--prompt", action="append", default=[], metavar="SECONDS:CAPTION", help="story mode, e.g. '0:calm' '15:drums'"
+    )
+    p.add_argument(
+        "--prompt-audio", default=None, metavar="CLIP", help="continue this clip (its tokens start the piece)"
+    )
+    p.add_argument("--unconditional", action="store_true", help="no caption: NULL_COND in every stage")
+    for flag, what in (
+        ("--temperature", "0 = greedy"),
+        ("--top-k", "0 = off"),
+        ("--top-p", "1 = off"),
+        ("--cond-scale", "classifier-free guidance, 1 = off"),
+    ):
+        p.add_argument(flag, default=None, metavar="V|STAGE=V,...", help=f"all stages or per stage ({what})")
+    p.add_argument("--overlap", type=float, default=0.5, help="fraction of each window kept as context")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     p = add("bench", _bench, "benchmarks, printed as JSON")
-    p.add_argument("part", choices=["shards", "tokenize", "train", "startup", "lm", "scaling", "codec"])
+    p.add_argument("part", choices=["shards", "tokenize", "train", "startup", "lm", "scaling", "codec", "generate"])
     p.add_argument(
         "--set",
         nargs="+",
