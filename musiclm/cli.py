@@ -190,6 +190,12 @@ def _eval_codec(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _eval_fad(args: argparse.Namespace) -> int:
+    from musiclm.eval.fad import run_from_args
+
+    return run_from_args(args)
+
+
 # --- generation ------------------------------------------------------------------------------
 
 
@@ -354,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     from musiclm.eval import codec as codec_eval
 
     codec_eval.add_arguments(p)
+    p = add("fad", _eval_fad, "FAD and KID of generated vs real audio on musicnn 1-s segment embeddings", ev_sub)
+    from musiclm.eval import fad as fad_eval
+
+    fad_eval.add_arguments(p)
 
     p = add("generate", _generate, "caption in, music out: N candidates reranked by MuLaN -> wav + json + png")
     p.add_argument(

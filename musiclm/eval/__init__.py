@@ -6,6 +6,10 @@
   tokens (ground truth and generated from captions) against the caption BPM, with baselines.
 * :mod:`musiclm.eval.codec` -- an acoustic codec's reconstruction (SI-SNR, multi-scale mel, log-mel
   L1 overall and below 150 Hz, tempo kept) per number of levels, against EnCodec and low-pass copies.
+* :mod:`musiclm.eval.fad` -- FAD and unbiased KID between generated and real audio on 1-s segment
+  embeddings of :mod:`musiclm.eval.musicnn` (the pretrained musicnn tagger ported to PyTorch, its
+  MagnaTagATune weights vendored), with clip and segment counts and clip-bootstrap intervals
+  (:mod:`musiclm.eval.stats`).
 
 Each module exposes ``add_arguments(parser)`` and ``run_from_args(args)`` for the CLI and a plain
 function (e.g. :func:`musiclm.eval.retrieval.evaluate_retrieval`) returning a JSON-able dict.
@@ -13,4 +17,4 @@ Modules are imported on demand (``importlib.import_module(f"musiclm.eval.{family
 ``import musiclm.eval`` stays cheap.
 """
 
-FAMILIES = ("retrieval", "tempo", "codec")
+FAMILIES = ("retrieval", "tempo", "codec", "fad")
