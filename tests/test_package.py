@@ -43,12 +43,13 @@ CAPTIONS = ["hard trap beat dark piano", "lofi chill drums and vinyl", "boom bap
 
 def _tiny_bundle(root: str) -> TokenizerBundle:
     """SoundStream (8 kHz, 50 Hz, 4 x 64) + MFCC k-means (16) + tiny MuLaN + quantizer (2 x 8)."""
+    from helpers_models import sine_batch
+
     from musiclm.codec.soundstream import SoundStream, SoundStreamTokenizer
     from musiclm.mulan.model import MuLaN, train_caption_tokenizer
     from musiclm.mulan.mulan_embedder import MuLaNEmbedder
     from musiclm.quantize import MuLaNEmbedQuantizer
     from musiclm.semantic import SemanticFeatures, SemanticTokenizer, fit_kmeans
-    from tests.helpers_models import sine_batch
 
     os.makedirs(root, exist_ok=True)
     torch.manual_seed(0)
@@ -337,3 +338,79 @@ def test_cli_package(parts, tmp_path):
     summary = json.loads(res.stdout)
     assert summary["out"] == out and summary["stages"]["coarse"]["step"] == 7 and summary["license"] == "mit"
     assert os.path.isfile(os.path.join(out, PACKAGE_FILE))
+
+
+# ---------------------------------------------------------------------------------------------- --init_from
+
+
+def test_init_from_resolves_and_refuses_mismatches(parts, tmp_path):
+    """Weights-only start: exported file, its folder or a package + the run's stage; a shape or
+    layout mismatch is one line naming the tensor / field."""
+    from musiclm.train.init_from import InitFromError, load_init_weights, resolve_init_weights
+
+    out = _package(parts, tmp_path / "pkg")
+    w = parts["stages"]["coarse"]
+    assert resolve_init_weights(w, "coarse") == w
+    assert resolve_init_weights(os.path.dirname(w), "coarse") == w
+    assert resolve_init_weights(out, "coarse") == os.path.join(out, "coarse", "model.safetensors")
+    st = get_stage("coarse", TOKENS)
+    model = Transformer(st.model_config("tiny"))
+    info = load_init_weights(model, out, "coarse", TOKENS)
+    assert info["step"] == 7
+    from musiclm.lm.model import load_stage_model
+
+    x = torch.arange(30)[None] % 9
+    torch.testing.assert_close(model.eval()(x), load_stage_model(w).eval()(x), rtol=0, atol=0)
+
+    wide = Transformer(st.model_config("tiny", d_model=32))
+    with pytest.raises(InitFromError, match=r"tensor '.*' has shape \[.*\], the model needs \[.*\]"):
+        load_init_weights(wide, w, "coarse")
+    with pytest.raises(InitFromError, match="weights of the 'coarse' stage, this run trains 'fine'"):
+        load_init_weights(model, w, "fine")
+    with pytest.raises(InitFromError, match="cond_namespaces"):
+        load_init_weights(model, w, "coarse", dict(TOKENS, cond_namespaces=["fine", "coarse", "semantic"]))
+    with pytest.raises(InitFromError, match="no such file"):
+        resolve_init_weights(str(tmp_path / "nope"), "coarse")
+
+
+@pytest.mark.slow
+def test_init_from_starts_from_the_exported_weights(tmp_path):
+    """Through the real launcher: a tiny semantic run is exported; a new run with --init_from and
+    a learning rate of 1e-12 gives the exported model's logits (probe after its one step) and
+    checkpoints the exported weights unchanged, at step 1 of a fresh schedule; a rerun of that
+    run resumes its checkpoint and says init_from is ignored."""
+    from safetensors.torch import load_file
+    from train_utils import launch, make_tiny_shards, read_log, train_args
+
+    from musiclm.lm.model import load_stage_model
+    from musiclm.train.export import export
+
+    shards = make_tiny_shards(str(tmp_path / "shards"), n_train=32, n_eval=16)
+    run_a = str(tmp_path / "run_a")
+    rc = launch(1, train_args("semantic", run_a, shards, "zero2", ["--max_steps", "4"]), run_a + ".log")
+    assert rc == 0, read_log(run_a + ".log")[-3000:]
+    exported = export(run_a, str(tmp_path / "export" / "model.safetensors"))["weights"]
+
+    run_b = str(tmp_path / "run_b")
+    extra = ["--max_steps", "1", "--init_from", os.path.dirname(exported)]
+    # lr 1e-12: the one update moves no weight by more than ~1e-12 (the config refuses lr 0)
+    extra += ["--set", "deepspeed.optimizer.params.lr=1.0e-12", "train.probe_logits=true"]
+    rc = launch(1, train_args("semantic", run_b, shards, "zero2", extra), run_b + ".log")
+    log = read_log(run_b + ".log")
+    assert rc == 0, log[-3000:]
+    assert "weights only; optimizer, schedule and data position start fresh" in log
+    probe = load_file(os.path.join(run_b, "probe_logits.safetensors"))
+    ref = load_stage_model(exported).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ref(probe["tokens"]), probe["logits"], rtol=1e-5, atol=1e-5)
+    again = export(run_b, str(tmp_path / "export_b" / "model.safetensors"))
+    assert again["step"] == 1  # a fresh schedule: step 1, not 5
+    a, b = load_file(exported), load_file(again["weights"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-9)
+
+    extra[1] = "2"
+    rc = launch(1, train_args("semantic", run_b, shards, "zero2", extra), run_b + ".2.log")
+    log = read_log(run_b + ".2.log")
+    assert rc == 0, log[-3000:]
+    assert "ignored: the run resumes from its checkpoint" in log

@@ -362,6 +362,7 @@ class Trainer:
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % 2**32)
         model = self.spec.build_model(self.cfg)
+        self._init_from(model)
         self.n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         self.flops_per_token = (
             self.spec.flops_per_token(model, self.cfg) if self.spec.flops_per_token else 6.0 * self.n_params
@@ -376,6 +377,24 @@ class Trainer:
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.gas = self.engine.gradient_accumulation_steps()
         self.zero_stage = self.engine.zero_optimization_stage()
+
+    def _init_from(self, model) -> None:
+        """``init_from``: exported or packaged weights into the new model, before its engine exists
+        (weights only; a checkpoint of this run wins: resuming continues it instead)."""
+        src = self.cfg.get("init_from")
+        if not src:
+            return
+        if self.plan.tag:
+            self.log(f"init_from {src} ignored: the run resumes from its checkpoint {self.plan.tag_dir}")
+            return
+        from .init_from import load_init_weights
+
+        tokens = self.cfg.get("tokens") if self.spec.data_kind == "tokens" else None
+        info = load_init_weights(model, src, self.spec.name, tokens)
+        self.log(
+            f"init_from {info['weights']} (exported at step {info['step']}, {info['tensors']} tensors): "
+            "weights only; optimizer, schedule and data position start fresh"
+        )
 
     def restore(self) -> list[dict]:
         """Weights, optimizer, schedule, RNG and progress from the planned checkpoint -> this
@@ -967,6 +986,11 @@ def build_arg_parser():
     p.add_argument("--shards", nargs="+", help="shard folder(s), replaces data.shards")
     p.add_argument("--max_steps", type=int, help="replaces train.max_steps (the cosine horizon)")
     p.add_argument("--stop_after", type=int, help="checkpoint and stop after this step (schedule unchanged)")
+    p.add_argument(
+        "--init_from",
+        help="start from exported weights (model.safetensors or its folder) or a package folder (its <stage>/ "
+        "weights): weights only, fresh optimizer/schedule/data; ignored when the run has a checkpoint",
+    )
     add_set_argument(p)
     p.add_argument(
         "--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help="set by the deepspeed launcher"
@@ -978,6 +1002,8 @@ def train_main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     setup_logging()
     from musiclm.data.shards import FingerprintMismatch
+
+    from .init_from import InitFromError
 
     try:
         cfg = load_config(args.config, args.set)
@@ -995,6 +1021,8 @@ def train_main(argv: list[str] | None = None) -> int:
             cfg.setdefault("data", {})["shards"] = args.shards
         if args.max_steps is not None:
             cfg.setdefault("train", {})["max_steps"] = args.max_steps
+        if args.init_from:
+            cfg["init_from"] = args.init_from
         where = args.config + (f" (with --set {' '.join(args.set)})" if args.set else "")
         trainer = Trainer(
             cfg["stage"],
@@ -1011,6 +1039,9 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return trainer.run()
+    except InitFromError as e:
+        print(f"[musiclm.train] {e}", file=sys.stderr, flush=True)
+        return 2
     except (FingerprintMismatch, tdata.ShardIntegrityError) as e:
         print(f"[musiclm.train] refusing the shards: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 2

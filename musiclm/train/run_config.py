@@ -42,6 +42,7 @@ ENGINE_KEYS = (
     "train",
     "deepspeed",
     "run_dir",
+    "init_from",  # exported/packaged weights to start from (launch/train.py --init_from)
 )
 
 
