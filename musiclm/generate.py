@@ -66,6 +66,14 @@ MAX_SAMPLES = 64
 CAPTION = str | Sequence[tuple[float, str]]
 
 
+# TokenLayout fields a stage's tokens depend on: a stage may have been trained on a token folder
+# without the streams it never reads, so its layout's other fields can be defaults.
+_COND = ("cond_levels", "cond_codebook", "cond_namespaces")
+_SEM = ("semantic_vocab", "semantic_rate")
+_AC = ("acoustic_levels", "acoustic_codebook", "acoustic_rate", "coarse_levels")
+_LAYOUT_FIELDS = {"semantic": _COND + _SEM, "coarse": _COND + _SEM + _AC, "fine": _COND + _AC}
+
+
 class GenerationRequestError(ValueError):
     """A generation request (or the model it names) that cannot be served; raised before any work."""
 
@@ -356,13 +364,11 @@ class MusicLM:
             where = f" in {self.directory}" if self.directory else ""
             raise GenerationRequestError(f"the model{where} is missing: {', '.join(missing)}")
         problems = []
-        lays = {name: st.layout for name, (st, _) in self.stages.items()}
-        ref = lays["semantic"]
-        for name, lay in lays.items():
-            if lay != ref:
-                diff = [f for f in vars(ref) if getattr(ref, f) != getattr(lay, f)]
-                problems.append(f"stage {name} token layout differs from semantic's in {diff}")
+        ref = self.stages["coarse"][0].layout  # the coarse stage reads every stream
         for name, (st, m) in self.stages.items():
+            diff = [f for f in _LAYOUT_FIELDS[name] if getattr(ref, f) != getattr(st.layout, f)]
+            if diff:
+                problems.append(f"stage {name} token layout differs from the coarse stage's in {diff}")
             if m.cfg.vocab_size != st.vocab_size:
                 problems.append(f"stage {name}: model vocab {m.cfg.vocab_size} != layout vocab {st.vocab_size}")
         ac = tk.acoustic
@@ -390,6 +396,20 @@ class MusicLM:
                 )
         if problems:
             raise GenerationRequestError("the model's parts disagree: " + "; ".join(problems))
+
+    def _aligned_stages(self) -> dict[str, tuple[Stage, Transformer]]:
+        """The stages on one common layout (the coarse stage's, which has every stream), so that
+        every stage counts grid steps alike; their vocabularies are unchanged (checked)."""
+        ref = self.stages["coarse"][0].layout
+        out = {}
+        for name, (st, m) in self.stages.items():
+            if st.layout != ref:
+                new = Stage(name, ref, st.window_seconds)
+                if new.vocab_size != st.vocab_size:
+                    raise GenerationRequestError(f"stage {name}: vocabulary changes on the common token layout")
+                st = new
+            out[name] = (st, m)
+        return out
 
     def _request(
         self,
@@ -454,7 +474,7 @@ class MusicLM:
         wav = sr = source = None
         if prompt_audio is not None:
             wav, sr, source = self._read_prompt(prompt_audio)
-            grid = float(self.stages["semantic"][0].layout.grid)
+            grid = float(self.stages["coarse"][0].layout.grid)
             seconds = wav.shape[-1] / sr
             if seconds < grid:
                 raise GenerationRequestError(f"prompt clip {source} is {seconds:.3f} s, shorter than one {grid} s step")
@@ -519,8 +539,8 @@ class MusicLM:
 
         timings: dict[str, float] = {}
         t_all = time.perf_counter()
-        sem_stage = self.stages["semantic"][0]
-        lay = sem_stage.layout
+        stages = self._aligned_stages()
+        lay = stages["coarse"][0].layout
         grid = lay.grid
         steps = math.ceil(Fraction(req.duration).limit_denominator(1_000_000) / grid)
         switch_steps = [int(round(Fraction(t).limit_denominator(1_000_000) / grid)) for t in req.switch_seconds]
@@ -567,7 +587,7 @@ class MusicLM:
         logits: dict[str, list[torch.Tensor]] = {}
         cond_used: dict[str, list] = {}
         for name in STAGES:
-            stage, model = self.stages[name]
+            stage, model = stages[name]
             conds = stage_conds(stage)
             cond_used[name] = [None if c is None else [int(x) for x in c] for c in conds]
             total = stage._lengths(steps)[1]
@@ -648,7 +668,7 @@ class MusicLM:
             "sampling_defaults_source": (self.config.get("sampling") or {}).get("source") or SAMPLING_SOURCE,
             "overlap": overlap,
             "kv_cache": use_cache,
-            "window_seconds": {k: self.stages[k][0].window_seconds for k in STAGES},
+            "window_seconds": {k: stages[k][0].window_seconds for k in STAGES},
             "model": self.directory,
             "device": str(device),
         }

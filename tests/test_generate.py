@@ -355,6 +355,27 @@ def test_bad_requests_are_refused_before_any_work(model, parts, monkeypatch, tmp
     assert work == []
 
 
+def test_stage_layouts_checked_on_the_fields_each_stage_reads(parts, model):
+    from musiclm.lm import Transformer, get_stage
+
+    tokens = dict(parts["config"]["tokens"])
+    # a semantic stage trained on a folder without acoustic streams: acoustic fields are defaults
+    sem_only = {k: v for k, v in tokens.items() if not k.startswith("acoustic") and k != "coarse_levels"}
+    st = get_stage("semantic", sem_only)
+    assert (
+        st.layout.acoustic_rate != tokens["acoustic_rate"] and st.vocab_size == model.stages["semantic"][0].vocab_size
+    )
+    stages = dict(parts["stages"], semantic=(st, parts["stages"]["semantic"][1]))
+    a = _gen(MusicLM(stages, parts["tokenizers"], parts["config"]), duration=0.6, seed=7)
+    b = _gen(model, duration=0.6, seed=7)
+    np.testing.assert_array_equal(a.tokens["fine"], b.tokens["fine"])
+    # a fine stage that reads other conditioning tokens is refused, naming stage and field
+    fine = get_stage("fine", {**tokens, "cond_levels": 3})
+    bad = dict(parts["stages"], fine=(fine, Transformer(fine.model_config("tiny"))))
+    with pytest.raises(GenerationRequestError, match=r"stage fine token layout differs .* \['cond_levels'\]"):
+        _gen(MusicLM(bad, parts["tokenizers"], parts["config"]))
+
+
 def test_sampling_overrides_from_command_line_values():
     assert sampling_overrides(temperature="0.9") == {s: {"temperature": 0.9} for s in STAGES}
     assert sampling_overrides(temperature="semantic=1.0,coarse=0.95", top_k="fine=50") == {
