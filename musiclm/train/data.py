@@ -271,10 +271,19 @@ def sample_rng(seed: int, epoch: int, key: str, salt: int = 0) -> np.random.Gene
 
 
 def _raw_stream(urls, split, *, seed, epoch, rank, world_size, shuffle):
-    """(index in this rank's epoch stream, sample) for one epoch. shard_reader splits shards by
-    rank (or samples, when there are fewer shards than ranks) and shuffles with (seed, epoch)."""
+    """(index in this rank's epoch stream, undecoded sample) for one epoch. shard_reader splits
+    shards by rank (or samples, when there are fewer shards than ranks) and shuffles with (seed,
+    epoch). Samples come undecoded: a resume skips its samples without decoding them."""
     it = _shards.shard_reader(
-        urls, split, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size, repeat=False
+        urls,
+        split,
+        shuffle=shuffle,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        repeat=False,
+        decode=False,
     )
     yield from enumerate(it)
 
@@ -306,7 +315,8 @@ def _epoch_batches(
         ):
             n = i + 1
             if i < skip:
-                continue  # resume: read (not built) up to the saved position
+                continue  # resume: read (not decoded, not built) up to the saved position
+            sample = _shards.decode_sample(sample)
             ex = build_checked(build_example, sample, sample_rng(seed, epoch, sample.get("__key__", i)), cfg)
             if ex is None:
                 continue

@@ -64,7 +64,19 @@ class ShardReader(wds.DataPipeline):
     are restarted, i.e. without ``persistent_workers``).
     """
 
-    def __init__(self, urls, *, shuffle=1000, seed=0, epoch=0, rank=None, world_size=None, repeat=False, handler=None):
+    def __init__(
+        self,
+        urls,
+        *,
+        shuffle=1000,
+        seed=0,
+        epoch=0,
+        rank=None,
+        world_size=None,
+        repeat=False,
+        handler=None,
+        decode=True,
+    ):
         super().__init__()
         self.urls = list(urls)
         self.shuffle_buffer = int(shuffle or 0)
@@ -78,7 +90,8 @@ class ShardReader(wds.DataPipeline):
         self.append(self._expand)
         self.append(self._split_samples)
         self.append(self._shuffle)
-        self.append(self._decode)
+        if decode:  # decode=False: raw entry bytes, for callers that decode only what they use
+            self.append(self._decode)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -156,6 +169,7 @@ def shard_reader(
     world_size: int | None = None,
     repeat: bool = False,
     handler=None,
+    decode: bool = True,
 ):
     """A webdataset pipeline of decoded samples from a shard folder (its complete ``split``
     shards), one ``.tar`` URL, or a list of shard URLs; local or ``s3://``.
@@ -164,7 +178,8 @@ def shard_reader(
     are detected inside each worker. ``shuffle`` is the sample buffer size (0: no shuffling of
     shards or samples). Errors are raised (``handler`` may be a webdataset handler such as
     ``webdataset.warn_and_continue`` to skip bad shards). Samples: ``{"__key__", "__url__",
-    "acoustic.npy", ..., "json"}`` with arrays and dicts decoded."""
+    "acoustic.npy", ..., "json"}`` with arrays and dicts decoded (``decode=False``: entry bytes, for
+    :func:`decode_sample` later; a resume skips samples without decoding them)."""
     if isinstance(source, (list, tuple)):
         urls = [os.fspath(u) for u in source]
     else:
@@ -178,7 +193,15 @@ def shard_reader(
     if not urls:
         raise ValueError("shard_reader: empty shard list")
     return ShardReader(
-        urls, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size, repeat=repeat, handler=handler
+        urls,
+        shuffle=shuffle,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        repeat=repeat,
+        handler=handler,
+        decode=decode,
     )
 
 
