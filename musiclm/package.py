@@ -61,6 +61,7 @@ PACKAGE_FILE = "package.json"
 CARD_FILE = "README.md"
 TOKENIZERS_DIR = "tokenizers"
 WEIGHTS, CONFIG = "model.safetensors", "model.json"
+TRAIN_CONFIG = "train_config.yaml"  # the run's resolved config.yaml, when the run folder is known
 
 # Sampling defaults per stage. Temperatures: MusicLM (arXiv 2301.11325, section 4, "temperature
 # sampling ... 1.0, 0.95 and 0.4 for the semantic, coarse and fine acoustic modeling stages"),
@@ -276,6 +277,30 @@ def _run_config(run_dir: str | None) -> dict:
         return yaml.safe_load(f) or {}
 
 
+def _roots(run_dirs: list[str]) -> list[str]:
+    """Folders a relative path of a run's config may be relative to: this process's working
+    directory, then every ancestor of the run folders (training ran from the repository root)."""
+    out = [os.getcwd()]
+    for rd in run_dirs:
+        d = os.path.abspath(rd)
+        while os.path.dirname(d) != d:
+            d = os.path.dirname(d)
+            if d not in out:
+                out.append(d)
+    return out
+
+
+def _locate(path: str, roots: list[str], probe: str = "") -> tuple[str, str | None]:
+    """(readable location, the root it was found under) of a path from a run's config or index."""
+    if storage.is_remote(path) or os.path.isabs(path):
+        return path, None
+    for r in roots:
+        cand = os.path.join(r, path)
+        if os.path.exists(os.path.join(cand, probe) if probe else cand):
+            return cand, r
+    return path, None
+
+
 def _data_record(run_dirs: list[str], tokens_dir: str | None) -> dict:
     """Where the stages' training data came from: the token shard folder's index.json (its manifest,
     hours, fingerprint hash) and the manifest's sha256 when the file is readable here."""
@@ -287,14 +312,16 @@ def _data_record(run_dirs: list[str], tokens_dir: str | None) -> dict:
                 if s not in shard_dirs:
                     shard_dirs.append(s)
     out: dict = {"shards": shard_dirs or None, "manifest": None, "manifest_sha256": None}
+    roots = _roots(run_dirs)
     for d in shard_dirs:
+        where, root = _locate(d, roots, "index.json")
         try:
-            index = json.loads(storage.read_bytes(storage.join(d, "index.json")))
+            index = json.loads(storage.read_bytes(storage.join(where, "index.json")))
         except Exception:  # noqa: BLE001 - the card says "unknown" rather than failing the package
             continue
         out.update(
             {
-                "index": storage.join(d, "index.json"),
+                "index": storage.join(where, "index.json"),
                 "fingerprint_hash": index.get("fingerprint_hash"),
                 "hours": index.get("hours"),
                 "samples": index.get("samples"),
@@ -305,8 +332,10 @@ def _data_record(run_dirs: list[str], tokens_dir: str | None) -> dict:
         )
         man = index.get("manifest")
         if man:
+            # the tokenize job ran from the same folder as training, most likely
+            man_path, _ = _locate(man, ([root] if root else []) + roots)
             try:
-                out["manifest_sha256"] = hashlib.sha256(storage.read_bytes(man)).hexdigest()
+                out["manifest_sha256"] = hashlib.sha256(storage.read_bytes(man_path)).hexdigest()
             except Exception:  # noqa: BLE001
                 pass
         break
@@ -419,6 +448,9 @@ def package_model(
             storage.write_json_atomic(os.path.join(tmp, name, CONFIG), meta, indent=1, default=str)
             metas[name], sources[name] = meta, os.path.abspath(src)
             run_dirs.setdefault(name, (meta.get("source") or {}).get("run_dir"))
+            rd = run_dirs[name]
+            if rd and os.path.isfile(os.path.join(rd, "config.yaml")):  # the resolved training config, for the card
+                shutil.copyfile(os.path.join(rd, "config.yaml"), os.path.join(tmp, name, TRAIN_CONFIG))
         bundle = _tokenizer_bundle(tokenizers, codec)
         fps = bundle.fingerprints()
         check_consistency(
@@ -465,7 +497,7 @@ def package_model(
         }
         storage.write_json_atomic(os.path.join(tmp, PACKAGE_FILE), doc, indent=1, default=str)
         with open(os.path.join(tmp, CARD_FILE), "w") as f:
-            f.write(model_card(doc, metas, run_dirs, extra_card))
+            f.write(model_card(doc, metas, run_dirs, {"path": out, **extra_card}))
         if remote:
             _upload_dir(tmp, out)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -500,12 +532,46 @@ def _fmt(v, digits: int = 4) -> str:
     return str(v)
 
 
+def _json_rows(d: dict) -> list[str]:
+    """A dict as JSON with one line per key (readable in a card, still valid JSON)."""
+    items = list(d.items())
+    rows = [
+        f" {json.dumps(k)}: {json.dumps(v, default=str)}" + ("," if i < len(items) - 1 else "")
+        for i, (k, v) in enumerate(items)
+    ]
+    return ["{", *rows, "}"]
+
+
+def _training_summary(run_dir: str | None) -> dict | str:
+    """The settings of a run a reader of the card asks for first (steps, batch, optimizer, dropout)."""
+    cfg = _run_config(run_dir)
+    if not cfg:
+        return "unknown"
+    train, ds = cfg.get("train") or {}, cfg.get("deepspeed") or {}
+    ds_path = os.path.join(run_dir, "ds_config.json")  # the DeepSpeed config the run used (file + overrides)
+    if os.path.isfile(ds_path):
+        with open(ds_path) as f:
+            ds = {**ds, **json.load(f)}
+    keep = ("max_steps", "warmup_steps", "min_lr_ratio", "max_minutes")
+    return {
+        "train": {k: train[k] for k in keep if k in train},
+        "micro_batch": ds.get("train_micro_batch_size_per_gpu"),
+        "gradient_accumulation": ds.get("gradient_accumulation_steps"),
+        "optimizer": ds.get("optimizer"),
+        "cond_dropout": cfg.get("cond_dropout"),
+        "model": cfg.get("model"),
+        "shards": (cfg.get("data") or {}).get("shards"),
+        "seed": cfg.get("seed"),
+    }
+
+
 def model_card(doc: dict, metas: dict[str, dict], run_dirs: dict[str, str | None], extra: dict | None = None) -> str:
     """The package's README.md: YAML front matter (license, tags) + what a user needs to know."""
     extra = dict(extra or {})
     data = doc.get("data") or {}
     fps = doc.get("fingerprints") or {}
     name = doc["name"]
+    where = extra.get("path") or name  # how the user named the folder (e.g. models/rapbeats-demo)
     lines = [
         "---",
         f"license: {doc.get('license') or 'unspecified'}",
@@ -525,14 +591,14 @@ def model_card(doc: dict, metas: dict[str, dict], run_dirs: dict[str, str | None
         "## How to generate",
         "",
         "```bash",
-        f'musiclm generate "hard-hitting trap beat at 70 bpm with dark piano" --model {name} \\',
+        f'musiclm generate "hard-hitting trap beat at 70 bpm with dark piano" --model {where} \\',
         "    --duration 10 --num-samples 4 --seed 0 --out out/",
         "```",
         "",
         "```python",
         "from musiclm.generate import MusicLM",
         "",
-        f'model = MusicLM.from_pretrained("{name}")   # a local folder or s3://bucket/prefix',
+        f'model = MusicLM.from_pretrained("{where}")   # a local folder or s3://bucket/prefix',
         'result = model.generate("caption", duration=10, num_samples=4, seed=0)',
         "```",
         "",
@@ -610,19 +676,25 @@ def model_card(doc: dict, metas: dict[str, dict], run_dirs: dict[str, str | None
         "Token layout (`tokens:`) and windows:",
         "",
         "```json",
-        json.dumps({"tokens": doc["tokens"], "windows": doc["windows"]}, indent=1),
+        *_json_rows({"tokens": doc["tokens"], "windows": doc["windows"]}),
         "```",
         "",
         "Models (TransformerConfig per stage):",
         "",
         "```json",
-        json.dumps({n: metas[n].get("model") for n in STAGES}, indent=1),
+        *_json_rows({n: metas[n].get("model") for n in STAGES}),
+        "```",
+        "",
+        "Training (from each run's resolved config, copied as `<stage>/train_config.yaml` when the run was found):",
+        "",
+        "```json",
+        *_json_rows({n: _training_summary(run_dirs.get(n)) for n in STAGES}),
         "```",
         "",
         "Sampling defaults (`package.json` `sampling`; " + (doc.get("sampling") or {}).get("source", "") + "):",
         "",
         "```json",
-        json.dumps(sampling, indent=1),
+        *_json_rows(sampling),
         "```",
         "",
     ]

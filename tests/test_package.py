@@ -183,7 +183,7 @@ def test_model_card_fields(parts, tmp_path):
         "# rapbeats-tiny",
         "## How to generate",
         "musiclm generate",
-        'MusicLM.from_pretrained("rapbeats-tiny")',
+        f'MusicLM.from_pretrained("{out}")',
         'generate("caption", duration=10, num_samples=4, seed=0)',
         "## Intended use",
         "## Training data",
