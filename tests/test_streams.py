@@ -158,6 +158,7 @@ def test_semantic_stage_accepts_and_streams_semantic_only_shards(folders):
     cfg = _cfg()
     dirs, indexes = _resolve("semantic", folders["semantic"], cfg)
     assert dirs == [folders["semantic"]] and indexes[0]["streams"] == ["semantic", "cond"]
+    assert "shards" not in indexes[0]  # what training keeps all run long: no per-shard records
     spec = _spec("semantic", cfg)
     urls, bad = tdata.checked_shard_urls(dirs, "train")
     assert len(urls) == 4 and not bad

@@ -193,7 +193,8 @@ def check_shard_fingerprints(
     refused with :class:`StreamMissing` (stage, stream and folder named); a folder with only those
     streams is accepted, and the expected fields of tokenizers that the folder was not made with
     and the stage does not need (the acoustic codec for semantic-only shards) are not asked for.
-    Without ``streams`` every expected tokenizer must be in the index. Returns the indexes read."""
+    Without ``streams`` every expected tokenizer must be in the index. Returns the indexes read,
+    without their ``shards`` records."""
     indexes = []
     for d in as_list(dirs):
         index = _shards.read_index(d)
@@ -214,7 +215,10 @@ def check_shard_fingerprints(
             got = _shards.fingerprint_hash(index.get("fingerprints") or {}, _shards.index_streams(index))
             if str(got) != str(expected_hash):
                 raise FingerprintHashMismatch(where, str(expected_hash), got, sorted(index.get("fingerprints") or {}))
-        indexes.append(index)
+        # without its per-shard records: training keeps what this returns for the whole run, and at
+        # a paper-size corpus the records are hundreds of MB of Python objects on every rank
+        # (checked_shard_urls reads them again when it needs them)
+        indexes.append({k: v for k, v in index.items() if k != "shards"})
     return indexes
 
 
