@@ -426,6 +426,9 @@ def package_model(
     extra_card = dict(extra_card or {})
     out = os.fspath(out)
     remote = storage.is_remote(out)
+    if not remote and os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, PACKAGE_FILE)):
+        # a package replaces its folder whole: never a folder of other things (e.g. models/demo's tokenizer parts)
+        raise FileExistsError(f"--out {out} exists and is not a package (no {PACKAGE_FILE}): choose another folder")
     parent = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".package-", dir=parent)

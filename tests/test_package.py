@@ -281,6 +281,13 @@ def test_missing_part_refused(parts, tmp_path):
         load_package(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         _package(parts, tmp_path / "pkg3", semantic=str(tmp_path / "nowhere"))
+    # a package replaces its folder whole: a folder of other things is refused, an older package replaced
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "kmeans.safetensors").write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="not a package"):
+        _package(parts, tmp_path / "models")
+    assert (tmp_path / "models" / "kmeans.safetensors").read_bytes() == b"keep me"
+    assert _package(parts, tmp_path / "pkg2") == str(tmp_path / "pkg2")
 
 
 def test_package_on_s3_loads(parts, tmp_path, moto_s3, monkeypatch):
@@ -374,7 +381,7 @@ def test_init_from_resolves_and_refuses_mismatches(parts, tmp_path):
 
 
 @pytest.mark.slow
-def test_init_from_starts_from_the_exported_weights(tmp_path):
+def test_init_from_starts_from_the_exported_weights(parts, tmp_path):
     """Through the real launcher: a tiny semantic run is exported; a new run with --init_from and
     a learning rate of 1e-12 gives the exported model's logits (probe after its one step) and
     checkpoints the exported weights unchanged, at step 1 of a fresh schedule; a rerun of that
@@ -389,6 +396,10 @@ def test_init_from_starts_from_the_exported_weights(tmp_path):
     run_a = str(tmp_path / "run_a")
     rc = launch(1, train_args("semantic", run_a, shards, "zero2", ["--max_steps", "4"]), run_a + ".log")
     assert rc == 0, read_log(run_a + ".log")[-3000:]
+    # `musiclm package` takes a run folder too (exported on the way); these tiny synthetic-shard stages
+    # have no tokenizer bundle of their layout, so the package is refused naming the run's stage
+    with pytest.raises(PackageMismatch, match=rf"semantic stage \({run_a}\) vs tokenizers .*tokens\.semantic_vocab 32"):
+        _package(parts, tmp_path / "pkg", semantic=run_a)
     exported = export(run_a, str(tmp_path / "export" / "model.safetensors"))["weights"]
 
     run_b = str(tmp_path / "run_b")
