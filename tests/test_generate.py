@@ -457,3 +457,14 @@ def test_sample_stage_refuses_a_missing_stream(model):
     st, m = model.stages["coarse"]
     with pytest.raises(ValueError, match="semantic ids"):
         sample_stage(st, m, 10, 1, [None])
+
+
+def test_long_piece_figures(model):
+    from musiclm.bench.generate import long_piece_report, longest_repeat
+
+    assert longest_repeat(np.array([5, 1, 2, 3, 9, 1, 2, 3, 7])) == 3 and longest_repeat(np.arange(6)) == 0
+    res = model.generate(CAPTION, duration=2.5, num_samples=1, seed=0, progress=False)
+    rep = long_piece_report(model, res, CAPTION)
+    assert rep["semantic_windows"] == len(res.windows["semantic"]) == len(rep["window_rms_db"]) >= 3
+    assert all(np.isfinite(r["ratio"]) for r in rep["mel_distance_per_stage"].values())
+    assert rep["longest_exact_semantic_repeat_tokens"] < len(res.tokens["semantic"][0])
