@@ -34,7 +34,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from musiclm.data import storage
 from musiclm.fingerprint import canonical_hash, canonical_json
@@ -144,6 +144,10 @@ def _stage_meta(weights: str, part: str) -> dict:
 
 def _layout_of(meta: dict) -> TokenLayout:
     return TokenLayout.from_config(meta.get("tokens") or {})
+
+
+def _jsonable_layout(layout: TokenLayout) -> dict:
+    return {f.name: (list(v) if isinstance(v := getattr(layout, f.name), tuple) else v) for f in fields(layout)}
 
 
 def _stage_of(name: str, meta: dict) -> Stage:
@@ -462,7 +466,9 @@ def package_model(
         bundle.save(os.path.join(tmp, TOKENIZERS_DIR))
         saved_fps = _read_json(os.path.join(tmp, TOKENIZERS_DIR, BUNDLE_FILE), "tokenizers")["fingerprints"]
 
-        tokens = {k: v for k, v in (metas["semantic"].get("tokens") or {}).items() if k != "window_seconds"}
+        # the coarse stage reads every stream (cond, semantic, acoustic): its layout is the package's, in
+        # full (a stage trained on a token folder without some streams keeps defaults for those fields)
+        tokens = _jsonable_layout(_layout_of(metas["coarse"]))
         stages_doc = {}
         for name, meta in metas.items():
             st = _stage_of(name, meta)

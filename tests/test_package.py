@@ -425,3 +425,15 @@ def test_init_from_starts_from_the_exported_weights(parts, tmp_path):
     log = read_log(run_b + ".2.log")
     assert rc == 0, log[-3000:]
     assert "ignored: the run resumes from its checkpoint" in log
+
+
+def test_stage_fields_it_never_reads_may_differ(parts, tmp_path):
+    """A semantic stage trained on a token folder without the acoustic stream keeps default acoustic
+    fields in its tokens: section; they are not compared, and the package's layout is the coarse
+    stage's (it reads every stream)."""
+    sem = _export_stage(
+        "semantic", str(tmp_path / "sem"), parts["fingerprints"], tokens=dict(TOKENS, acoustic_levels=8)
+    )
+    out = _package(parts, tmp_path / "pkg", semantic=sem)
+    assert json.load(open(os.path.join(out, PACKAGE_FILE)))["tokens"]["acoustic_levels"] == 4
+    assert load_package(out).stages["semantic"][0].layout.acoustic_levels == 8
