@@ -592,7 +592,7 @@ class MusicLM:
             cond_used[name] = [None if c is None else [int(x) for x in c] for c in conds]
             total = stage._lengths(steps)[1]
             t0 = time.perf_counter()
-            with tqdm(total=total, desc=f"{name:>8}", unit="tok", disable=not progress, leave=False) as bar:
+            with tqdm(total=total, desc=f"{name:>8}", unit="tok", disable=not progress, leave=True) as bar:
                 if known[name] is not None:
                     bar.update(stage._lengths(known[name].shape[-1] // _fpg(stage, name))[1])
                 res = sample_stage(

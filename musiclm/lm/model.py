@@ -21,6 +21,7 @@ A stage is only a sequence layout (``musiclm.lm.stages``); the model knows nothi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -306,6 +307,7 @@ class Transformer(nn.Module):
         top_p: float | None = None,
         use_cache: bool = True,
         return_logits: bool = False,
+        on_token: Callable[[int], None] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Sample ``n_new`` tokens after ``prefix`` [B, L] (or [L]); returns only the new tokens [B, n_new].
 
@@ -320,6 +322,7 @@ class Transformer(nn.Module):
           must match, and the baseline of ``musiclm bench generate``).
         - return_logits: also return the guided fp32 logits of every step [B, n_new, V] (before the
           mask, temperature and truncation).
+        - on_token: called with 1 after every sampled step (a progress bar's ``update``).
         """
         if prefix.dim() == 1:
             prefix = prefix[None]
@@ -362,6 +365,8 @@ class Transformer(nn.Module):
                         lg = _top_p_filter(lg, top_p)
                     nxt = torch.multinomial(F.softmax(lg, dim=-1), 1, generator=generator)
                 out.append(nxt)
+                if on_token is not None:
+                    on_token(1)
                 if t + 1 < n_new:
                     step = torch.cat([nxt, nxt]) if guided else nxt
                     if use_cache:

@@ -39,6 +39,7 @@ from .stages import Stage
 
 __all__ = [
     "PAPER_SAMPLING",
+    "SAMPLING_SOURCE",
     "SamplingSettings",
     "StageSample",
     "Window",
@@ -80,9 +81,15 @@ class SamplingSettings:
         return asdict(self)
 
 
-# The MusicLM paper (Agostinelli et al. 2023, section 3.3) samples with temperature 1.0 (semantic),
-# 0.95 (coarse) and 0.4 (fine), no truncation. It does not name a guidance scale: 3.0 is the scale
-# `musiclm eval tempo` uses (AudioLM-pytorch's default), learned from the stages' conditioning dropout.
+# The MusicLM paper (Agostinelli et al. 2023, arXiv 2301.11325) samples with temperature 1.0
+# (semantic), 0.95 (coarse) and 0.4 (fine), as AudioLM, from the full distribution (no top-k/top-p).
+# It has no classifier-free guidance: 3.0 is MusicGen's scale and the open audiolm/musiclm-pytorch
+# samplers' default; the stages learn the unconditional model from their conditioning dropout.
+# A package's ``sampling`` section (musiclm.package) overrides these.
+SAMPLING_SOURCE = (
+    "temperatures: MusicLM (arXiv 2301.11325), 1.0 / 0.95 / 0.4 as AudioLM; top_k / top_p off; "
+    "cond_scale 3.0: MusicGen (arXiv 2306.05284), the paper has no CFG"
+)
 PAPER_SAMPLING: dict[str, SamplingSettings] = {
     "semantic": SamplingSettings(temperature=1.0, cond_scale=3.0),
     "coarse": SamplingSettings(temperature=0.95, cond_scale=3.0),
@@ -176,7 +183,7 @@ def sample_stage(
         coarse: int [B, >= Qc, >= steps * fa] coarse codes (fine stage).
         known: target stream given at the start (semantic ids [B, n] or codes [B, L, n]); its whole
             grid steps are kept and continued.
-        progress: called with the number of target tokens after each window.
+        progress: called with 1 after every sampled target token (a progress bar's ``update``).
 
     Returns the target stream of exactly ``steps`` grid steps (semantic ids [B, steps * fs], or
     the stage's acoustic levels [B, L, steps * fa]).
@@ -241,13 +248,12 @@ def sample_stage(
             generator=generator,
             use_cache=use_cache,
             return_logits=return_logits,
+            on_token=progress,
         )
         if return_logits:
             out, lg = out
             all_logits.append(lg.cpu())
         target[:, w.sampled_from * per_step : w.end * per_step] = out.cpu()
-        if progress is not None:
-            progress(n_new)
 
     decoded = np.stack([stage.decode_target(row) for row in target])
     return StageSample(target=decoded, windows=windows, conditioning=used_conds, logits=all_logits)
