@@ -22,7 +22,7 @@ from musiclm.eval.musicnn import (
     mel_filterbank,
     musicnn_input,
 )
-from musiclm.eval.stats import bootstrap_ci
+from musiclm.eval.stats import bootstrap_ci, jackknife_ci
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF_DIR = os.path.join(ROOT, "tests", "data", "musicnn_reference")
@@ -199,15 +199,24 @@ def test_bootstrap_ci_and_embedding_metrics():
     assert ci["n"] == [400] and ci["n_boot"] == 500
     assert ci["ci95"][0] < 3.0 < ci["ci95"][1] and ci["ci95"][1] - ci["ci95"][0] < 0.3
     assert bootstrap_ci(np.mean, values[:1])["ci95"] is None  # one unit: no interval
+    # delete-one jackknife of a mean is exactly the textbook standard error s / sqrt(n)
+    jk = jackknife_ci(np.mean, values, groups=400)
+    assert jk["se"] == pytest.approx(values.std(ddof=1) / np.sqrt(400), rel=1e-9) and jk["groups"] == [400]
+    assert jk["ci95"][0] < 3.0 < jk["ci95"][1]
+    # two samples: variances add (difference of means)
+    other = rng.normal(0.0, 2.0, 100)
+    jk2 = jackknife_ci(lambda a, b: a.mean() - b.mean(), values, other, groups=1000)
+    assert jk2["se"] == pytest.approx(np.sqrt(values.var(ddof=1) / 400 + other.var(ddof=1) / 100), rel=1e-9)
     real = [rng.standard_normal((10, 4)) for _ in range(12)]
     same = [rng.standard_normal((10, 4)) for _ in range(12)]
     far = [rng.standard_normal((10, 4)) + 1.0 for _ in range(8)]
     m_same = embedding_metrics(real, same, n_boot=50)
     m_far = embedding_metrics(real, far, n_boot=50)
     assert m_far["real"] == {"clips": 12, "segments": 120} and m_far["generated"] == {"clips": 8, "segments": 80}
-    assert m_far["dim"] == 4 and m_far["fad"]["n_boot"] == 50
-    lo, hi = m_far["fad"]["ci95"]
-    assert lo <= m_far["fad"]["value"] <= hi
+    assert m_far["dim"] == 4 and m_far["kid"]["n_boot"] == 50 and m_far["fad"]["jackknife_groups"] == [12, 8]
+    for metric in ("fad", "kid"):
+        lo, hi = m_far[metric]["ci95"]
+        assert lo <= m_far[metric]["value"] <= hi
     assert m_far["fad"]["value"] > 3 * m_same["fad"]["value"] and m_far["kid"]["value"] > m_same["kid"]["value"]
     assert m_far["floor"]["halves"] == [{"clips": 6, "segments": 60}] * 2
 

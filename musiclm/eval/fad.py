@@ -16,9 +16,12 @@ that reranks generations. Every figure comes with the number of clips and segmen
   larger ones through ``subsets`` random subsets of ``subset_size`` segments each (mean, and the std
   over subsets as the KID paper reports). Its expectation is 0 for identical distributions, so a
   small negative value is noise, not an error.
-* 95 % intervals: percentile bootstrap over *clips* (a clip's segments stay together),
-  :func:`musiclm.eval.stats.bootstrap_ci`; and ``floor``: FAD/KID between two halves of the real
-  clips, what the metric reads for two samples of the same distribution at half the size.
+* 95 % intervals over *clips* (a clip's segments stay together): KID's by percentile bootstrap
+  (:func:`musiclm.eval.stats.bootstrap_ci`), FAD's by delete-a-group jackknife
+  (:func:`musiclm.eval.stats.jackknife_ci`: a bootstrap resample repeats clips, which raises FAD as
+  a smaller set does, so its percentile interval would lie above the figure); and ``floor``: FAD/KID
+  between two halves of the real clips, what the metrics read for two samples of one distribution
+  at half the size (FAD's floor is higher than at full size for the same reason).
 
     musiclm eval fad --real data/demo/manifest.jsonl --generated runs/generate --out runs/eval_fad
     musiclm eval fad --real DIR_OF_WAVS --generated DIR_OF_WAVS --weights /path/to/musicnn/MSD_musicnn
@@ -36,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from musiclm.eval.stats import bootstrap_ci
+from musiclm.eval.stats import bootstrap_ci, jackknife_ci
 from musiclm.logs import get_logger
 
 log = get_logger(__name__)
@@ -182,11 +185,15 @@ def _kid_bootstrap_statistic(real: list[np.ndarray], generated: list[np.ndarray]
         z = np.concatenate([x, y])
         k = _poly_kernel(z, z, 3, gamma, 1.0)
 
+        def within(idx: np.ndarray) -> float:
+            # pairs of distinct original segments only: a resample repeats clips, and k(x, x) of a
+            # repeated segment would bias the within-set mean up as the diagonal would
+            distinct = idx[:, None] != idx[None, :]
+            return float(k[np.ix_(idx, idx)][distinct].mean()) if distinct.any() else float("nan")
+
         def stat(r: list[np.ndarray], g: list[np.ndarray]) -> float:
             ri, gi = np.concatenate(r), np.concatenate(g)
-            if len(ri) < 2 or len(gi) < 2:
-                return float("nan")
-            return _mmd2_from_kernels(k[np.ix_(ri, ri)], k[np.ix_(gi, gi)], k[np.ix_(ri, gi)])
+            return within(ri) + within(gi) - 2 * float(k[np.ix_(ri, gi)].mean())
 
         return stat, r_units, g_units
     rng = np.random.default_rng(seed)
@@ -201,21 +208,27 @@ def _kid_bootstrap_statistic(real: list[np.ndarray], generated: list[np.ndarray]
     return stat_subset, r_units, g_units
 
 
-def embedding_metrics(real: Clips, generated: Clips, *, n_boot: int = 200, seed: int = 0, floor: bool = True) -> dict:
-    """FAD and KID between per-clip embedding lists, each with a 95 % clip-bootstrap interval and the
+def embedding_metrics(
+    real: Clips, generated: Clips, *, n_boot: int = 200, jackknife_groups: int = 50, seed: int = 0, floor: bool = True
+) -> dict:
+    """FAD and KID between per-clip embedding lists, each with a 95 % interval over clips and the
     clip/segment counts; ``floor``: the same between two halves of the real clips (>= 4 clips).
-    The KID interval resamples clips and uses the whole-set unbiased estimate (one random subset of
-    1000 segments per set when the sets are large), whose expectation is the same as the subset mean."""
+
+    KID: percentile bootstrap over clips of the whole-set unbiased estimate (one random subset of
+    1000 segments per set when the sets are large; same expectation as the subset mean), with pairs
+    of copies of one segment left out. FAD: delete-a-group jackknife over clips (normal interval),
+    because FAD grows as the number of distinct clips shrinks and a bootstrap resample repeats clips
+    (its percentile interval lies above the figure). FAD depends on N: compare systems at equal N."""
     real, generated = [np.asarray(c) for c in real], [np.asarray(c) for c in generated]
     if not real or not generated:
         raise ValueError(f"empty set: {len(real)} real clips, {len(generated)} generated clips")
     t0 = time.perf_counter()
-    fad = bootstrap_ci(fad_score, real, generated, n_boot=n_boot, seed=seed)
+    fad = jackknife_ci(fad_score, real, generated, groups=jackknife_groups)
     kid = kid_score(real, generated, seed=seed)
     kid_stat, r_units, g_units = _kid_bootstrap_statistic(real, generated, seed)
     kid_ci = bootstrap_ci(kid_stat, r_units, g_units, n_boot=n_boot, seed=seed)
     out: dict[str, Any] = {
-        "fad": {"value": fad["value"], "ci95": fad["ci95"], "n_boot": fad["n_boot"]},
+        "fad": {"value": fad["value"], "ci95": fad["ci95"], "se": fad["se"], "jackknife_groups": fad["groups"]},
         "kid": {**kid, "ci95": kid_ci["ci95"], "n_boot": kid_ci["n_boot"]},
         "real": _counts(real),
         "generated": _counts(generated),
@@ -326,7 +339,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="musicnn safetensors or TF checkpoint folder (default: MTT)")
     p.add_argument("--segment-seconds", type=float, default=1.0)
     p.add_argument("--layer", default="penultimate", choices=["penultimate", "max_pool", "mean_pool"])
-    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for the 95 %% intervals")
+    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for KID's 95 %% interval")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch and BLAS threads (0 = their defaults)")
     p.add_argument("--out", default=None, help="folder for fad.json")

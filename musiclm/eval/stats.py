@@ -1,10 +1,16 @@
-"""Statistics shared by the evaluation families: a percentile bootstrap over units (clips, captions).
+"""Statistics shared by the evaluation families: intervals over units (clips, captions).
 
 Every figure in the eval report carries its N and a 95 % interval. ``bootstrap_ci`` resamples the
 *units* of each sample independently with replacement (clips, not segments: segments of one clip
 are not independent) and recomputes the statistic on every resample; the interval is the 2.5th and
 97.5th percentile of those values. It serves plain means (``bootstrap_ci(np.mean, values)``) as well
-as set-level metrics of two samples (``bootstrap_ci(fad_of, real_clips, generated_clips)``).
+as set-level metrics of two samples (``bootstrap_ci(kid_of, real_clips, generated_clips)``).
+
+``jackknife_ci`` is for statistics that depend on the number of *distinct* units, as FAD does (it
+grows as a set shrinks): a bootstrap resample repeats units, so its values sit above the figure and
+the percentile interval can miss the figure altogether. The delete-a-group jackknife removes one
+group of units at a time (never repeating any), estimates the standard error from the spread of
+those values (variances of independent samples add) and gives ``value +- z * se``.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["bootstrap_ci"]
+__all__ = ["bootstrap_ci", "jackknife_ci"]
 
 
 def bootstrap_ci(
@@ -54,4 +60,45 @@ def bootstrap_ci(
         lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
         out[key] = [float(lo), float(hi)]
     out["n_boot"] = len(values)
+    return out
+
+
+def jackknife_ci(
+    statistic: Callable[..., float],
+    *samples: Sequence[Any] | np.ndarray,
+    groups: int = 50,
+    level: float = 0.95,
+) -> dict:
+    """``{"value", "ci95": [lo, hi], "se", "n": [units per sample], "groups": [per sample]}``.
+
+    Delete-a-group jackknife over independent samples: each sample's units are split into
+    ``min(groups, n)`` contiguous groups; ``statistic`` is recomputed with one group of one sample
+    left out; ``se^2 = sum over samples of (G - 1) / G * sum_g (theta_g - mean)^2``; the interval is
+    the normal one, ``value +- z * se``. ``None`` when some sample has fewer than 2 units."""
+    from statistics import NormalDist
+
+    if not samples:
+        raise ValueError("jackknife_ci needs at least one sample")
+    value = float(statistic(*samples))
+    sizes = [len(s) for s in samples]
+    key = "ci95" if abs(level - 0.95) < 1e-12 else "ci"
+    out: dict[str, Any] = {"value": value, key: None, "se": None, "n": sizes, "groups": [], "level": level}
+    if min(sizes) < 2:
+        return out
+    var = 0.0
+    for k, (s, n) in enumerate(zip(samples, sizes)):
+        bounds = np.linspace(0, n, min(groups, n) + 1).round().astype(int)
+        thetas = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            keep = np.r_[0:a, b:n]
+            left = s[keep] if isinstance(s, np.ndarray) else [s[i] for i in keep]
+            thetas.append(float(statistic(*samples[:k], left, *samples[k + 1 :])))
+        t = np.asarray(thetas)
+        g = len(t)
+        var += (g - 1) / g * float(np.sum((t - t.mean()) ** 2))
+        out["groups"].append(g)
+    se = float(np.sqrt(var))
+    z = NormalDist().inv_cdf(1 - (1 - level) / 2)
+    out["se"] = se
+    out[key] = [value - z * se, value + z * se]
     return out
