@@ -279,7 +279,11 @@ def measure_s3(shards: int, samples_per_shard: int, ranks: int, workers: int, se
         list_s, sizes = _best(lambda: storage.list_sizes(d))
         n_objects = len(sizes)
         idx = measure_index(d)
-        start = measure_startup(d, ranks, workers)
+        # with at least one shard per reader (the normal case) ...
+        fit = max(1, min(ranks, wrote["shards"] // workers))
+        start = measure_startup(d, fit, workers)
+        # ... and with fewer shards than readers, where every reader streams every shard
+        crowded = measure_startup(d, ranks, workers) if fit < ranks else None
     pages = math.ceil(n_objects / S3_PAGE)
     return {
         "shards": wrote["shards"],
@@ -291,7 +295,9 @@ def measure_s3(shards: int, samples_per_shard: int, ranks: int, workers: int, se
         "index_bytes": idx["bytes"],
         "index_load_s": idx["load_s"],
         "check_s": start["check_s"],
+        "first_sample_ranks": fit,
         "first_sample_s": start["first_sample_s"],
+        "first_sample_s_all_ranks_streaming_every_shard": crowded["first_sample_s"] if crowded else None,
     }
 
 
@@ -356,6 +362,7 @@ def extrapolate(sim: dict, hours: float = 280_000, ranks: int = 512, workers: in
             "shards_per_reader": n / (ranks * workers),
             "reader_max_over_min": math.ceil(n / (ranks * workers)) / max(1, math.floor(n / (ranks * workers))),
             "rank_share_samples": share,
+            "split_s_per_reader": sim["balance"]["split_s_per_reader"] * k,
             "resume_worst_s": share / res["replay_samples_per_s"],
             "resume_worst_s_per_worker": share / workers / res["replay_samples_per_s"],
             "list_pages": math.ceil(n / S3_PAGE),
@@ -421,7 +428,16 @@ def render_markdown(sim: dict, hours: float = 280_000, ranks: int = 512, workers
         lines.append(
             f"| moto S3, {s3['objects']:,} objects | listing {_dur(s3['listing_s'])} in {s3['list_pages']} LIST "
             f"page(s) ({_dur(s3['listing_s_per_page'])} per page); index load {_dur(s3['index_load_s'])}; "
-            f"training's checks {_dur(s3['check_s'])}; first sample {_dur(s3['first_sample_s'])} |"
+            f"training's checks {_dur(s3['check_s'])}; first sample of worker 0 of rank 0 of "
+            f"{s3.get('first_sample_ranks', bal['ranks'])} {_dur(s3['first_sample_s'])}"
+            + (
+                f"; of rank 0 of {bal['ranks']} ({bal['readers']:,} readers > {s3['shards']:,} shards: every reader "
+                f"streams every shard and keeps every {bal['readers']:,}th sample) "
+                f"{_dur(s3['first_sample_s_all_ranks_streaming_every_shard'])}"
+                if s3.get("first_sample_s_all_ranks_streaming_every_shard")
+                else ""
+            )
+            + " |"
         )
     lines += [
         "",
@@ -432,20 +448,72 @@ def render_markdown(sim: dict, hours: float = 280_000, ranks: int = 512, workers
         "(resume); S3 latency per LIST page as measured on moto (a real S3 page takes longer).",
         "",
         "| samples per shard | shards | index.json | index load per rank | index in memory per rank "
-        "| checks per rank | shards per reader (max/min) | LIST pages per rank / all ranks "
-        "| resume, worst case per rank |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| checks per rank | shards per reader (max/min) | shuffle + split per reader and epoch "
+        "| LIST pages per rank / all ranks | resume, worst case per rank |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in ext:
         lines.append(
             f"| {e['samples_per_shard']} | {e['shards'] / 1e6:.3g} M | {_size(e['index_bytes'])} | "
             f"{_dur(e['index_load_s'])} | {_size(e['index_python_bytes'])} | {_dur(e['check_s'])} | "
-            f"{e['shards_per_reader']:,.0f} ({e['reader_max_over_min']:.4g}) | "
+            f"{e['shards_per_reader']:,.0f} ({e['reader_max_over_min']:.4g}) | {_dur(e['split_s_per_reader'])} | "
             f"{e['list_pages']:,} / {e['list_pages_all_ranks']:,} | "
             f"{_dur(e['resume_worst_s'])} ({_dur(e['resume_worst_s_per_worker'])} with {workers} workers) |"
         )
-    lines.append("")
+    lines += ["", *_verdict(sim, ext, ranks, workers), ""]
     return "\n".join(lines)
+
+
+def _verdict(sim: dict, ext: list[dict], ranks: int, workers: int) -> list[str]:
+    """What holds at the extrapolated size, what does not, what was fixed and what is left."""
+    small, big = ext[0], ext[-1]
+    res = sim["resume"]
+    readers = ranks * workers
+    return [
+        "### What holds at that size and what does not",
+        "",
+        f"- **Rank balance holds.** Every epoch the shard list is shuffled and dealt out round-robin, so with "
+        f"equal shards the readers differ by at most one shard: {small['shards_per_reader']:,.0f} shards per reader "
+        f"at {small['samples_per_shard']} samples per shard (max/min {small['reader_max_over_min']:.4f}), "
+        f"{big['shards_per_reader']:,.0f} at {big['samples_per_shard']} ({big['reader_max_over_min']:.4f}). Real "
+        "shards differ in size (one tokenize group of clips each), which skews a reader's share by the spread of "
+        "shard sizes over ~200 shards; the engine does not need equal shares (each rank starts its next epoch on "
+        "its own). It needs at least ranks x workers shards per split "
+        f"({readers:,} here): below that every reader streams every shard and keeps every {readers:,}th sample, "
+        "reading the split once per reader (the S3 row above shows the cost). Not changed.",
+        f"- **An index every rank reads whole does not hold at {small['samples_per_shard']} samples per shard**: "
+        f"{_size(small['index_bytes'])} of index.json, {_dur(small['index_load_s'])} to parse and "
+        f"{_size(small['index_python_bytes'])} of Python objects on each of {ranks} ranks, and training reads it "
+        "three times at start-up (the stage's fingerprint check, then the train and the eval shard checks; four "
+        "before this change). At "
+        f"{big['samples_per_shard']} samples per shard it is {_size(big['index_bytes'])}, "
+        f"{_dur(big['index_load_s'])} and {_size(big['index_python_bytes'])}: workable. Shards of a few hundred "
+        "samples are what `tokenize.py` writes for songs (one shard per group of `--clips-per-shard` 32 clips: 32 "
+        "three-minute songs = 576 samples of 10 s). Fixed here: training no longer keeps the per-shard records "
+        "of every index for the whole run (`check_shard_fingerprints` returns the index without them). Left: "
+        "the three reads per rank (one read shared by the checks would cut the start-up checks about 3x), and an "
+        "index split by shard range, or read once and broadcast, for corpora of many small shards.",
+        f"- **A listing per rank.** The shard checks list the folder on every rank, twice (train and eval): "
+        f"{big['list_pages']:,} LIST pages per rank, {2 * big['list_pages_all_ranks']:,} requests per start of "
+        f"{ranks} ranks at {big['samples_per_shard']} samples per shard "
+        f"({2 * small['list_pages_all_ranks']:,} at {small['samples_per_shard']}). That is paid per S3 request "
+        "and counts against S3's request rate per prefix; tolerable at a few hundred samples per shard, not at "
+        "8. Not changed (one rank listing and broadcasting needs the engine).",
+        f"- **Resume replays the rank's epoch up to the saved position**: the shuffle buffer makes the order "
+        "depend on every sample read before, so an exact resume reads (and until this change decoded) every "
+        f"skipped sample. Measured {res['replay_samples_per_s']:,.0f} samples/s replayed on local disk under "
+        f"load: a resume at the end of a {big['rank_share_samples']:,.0f}-sample rank share takes "
+        f"{_dur(big['resume_worst_s'])} ({_dur(big['resume_worst_s_per_worker'])} with {workers} loader workers, "
+        "each replaying its own share), more on S3 where every skipped byte crosses the network. Fixed here: "
+        f"skipped samples are no longer decoded (reading alone {res['read_samples_per_s']:,.0f} samples/s, "
+        f"reading and decoding {res['read_and_decode_samples_per_s']:,.0f}). Left: a resume at shard granularity "
+        "(restart at the next shard of the saved epoch order, giving up exactness for the samples in the "
+        "shuffle buffer) would take seconds instead of minutes.",
+        f"- **Per-epoch shuffle and split of the shard list** costs each reader {_dur(big['split_s_per_reader'])} "
+        f"per epoch at {big['samples_per_shard']} samples per shard ({_dur(small['split_s_per_reader'])} at "
+        f"{small['samples_per_shard']}), and every rank and loader worker holds the URL list "
+        f"({_size(big['url_list_python_bytes'])} / {_size(small['url_list_python_bytes'])}): holds.",
+    ]
 
 
 __all__ = ["simulate", "extrapolate", "render_markdown", "write_corpus"]

@@ -209,8 +209,8 @@ def check_shard_fingerprints(
                 needed = set(_shards.stream_tokenizers(streams))
                 found = index.get("fingerprints") or {}
                 want = {t: f for t, f in want.items() if t in found or t in needed}
-        if want:
-            _shards.check_fingerprints(d, want)
+        if want:  # the index already read (a paper-size index takes seconds to parse)
+            _shards.check_fingerprints(index, want, where=storage.join(d, _shards.INDEX_NAME))
         if expected_hash:
             got = _shards.fingerprint_hash(index.get("fingerprints") or {}, _shards.index_streams(index))
             if str(got) != str(expected_hash):

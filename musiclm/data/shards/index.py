@@ -135,11 +135,12 @@ def _compare(expected: Any, found: Any, path: str, tokenizer: str, where: str) -
         raise FingerprintMismatch(tokenizer, path or None, expected, found, where)
 
 
-def check_fingerprints(directory_or_index: str | dict, expected: dict) -> None:
+def check_fingerprints(directory_or_index: str | dict, expected: dict, where: str | None = None) -> None:
     """Raise :class:`FingerprintMismatch` unless every field in ``expected`` (a full fingerprint
-    dict or a subset, e.g. ``{"acoustic": {"levels": 8}}``) equals the index's value."""
+    dict or a subset, e.g. ``{"acoustic": {"levels": 8}}``) equals the index's value. ``where``
+    names an index passed as a dict in the message (default "index.json")."""
     if isinstance(directory_or_index, dict):
-        index, where = directory_or_index, "index.json"
+        index, where = directory_or_index, where or "index.json"
     else:
         index, where = read_index(directory_or_index), storage.join(directory_or_index, INDEX_NAME)
     found = index.get("fingerprints") or {}
