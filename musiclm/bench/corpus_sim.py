@@ -397,7 +397,9 @@ def render_markdown(sim: dict, hours: float = 280_000, ranks: int = 512, workers
     lines = [
         "## A paper-size corpus, simulated",
         "",
-        f"`musiclm bench scaling --set simulate=true` wrote {w['shards']:,} token shards x "
+        f"`musiclm bench scaling --set simulate=true sim_shards={w['shards']}"
+        + (f" sim_s3_shards={sim['s3']['shards']}" if "s3" in sim else " sim_s3_shards=0")
+        + f"` wrote {w['shards']:,} token shards x "
         f"{sim['samples_per_shard']} samples ({w['samples']:,} samples of {sim['sample_seconds']:g} s, random "
         f"tokens at the paper's shapes, {sim['bytes_per_sample']:,.0f} bytes per sample, {_size(w['bytes'])}) "
         f"to local disk in {_dur(w['write_s'])}"
@@ -445,7 +447,9 @@ def render_markdown(sim: dict, hours: float = 280_000, ranks: int = 512, workers
         f"{sim['sample_seconds']:g} s), {ranks} ranks x {workers} workers",
         "",
         "Linear in the number of shards (index, listing, memory) or in a rank's share of an epoch "
-        "(resume); S3 latency per LIST page as measured on moto (a real S3 page takes longer).",
+        "(resume). The local times come from this machine's disk; moto answered a LIST page in "
+        f"{_dur(sim['s3']['listing_s_per_page']) if 's3' in sim else '-'} on the loaded machine, far "
+        "slower than S3 itself, so for S3 only the request counts extrapolate.",
         "",
         "| samples per shard | shards | index.json | index load per rank | index in memory per rank "
         "| checks per rank | shards per reader (max/min) | shuffle + split per reader and epoch "
