@@ -174,38 +174,39 @@ _KERNEL_CACHE_SEGMENTS = 4000
 
 
 def _kid_bootstrap_statistic(real: list[np.ndarray], generated: list[np.ndarray], seed: int):
-    """(statistic over lists of per-clip segment-index arrays, real units, generated units) for
-    :func:`bootstrap_ci`: the whole-set unbiased KID of the resampled clips."""
-    x, y = _stack(real), _stack(generated)
-    offsets = np.cumsum([0] + [len(c) for c in real] + [len(c) for c in generated])
-    units = [np.arange(offsets[i], offsets[i + 1]) for i in range(len(offsets) - 1)]
-    r_units, g_units = units[: len(real)], units[len(real) :]
-    gamma = 1.0 / x.shape[1]
-    if len(x) + len(y) <= _KERNEL_CACHE_SEGMENTS:
-        z = np.concatenate([x, y])
-        k = _poly_kernel(z, z, 3, gamma, 1.0)
-
-        def within(idx: np.ndarray) -> float:
-            # pairs of distinct original segments only: a resample repeats clips, and k(x, x) of a
-            # repeated segment would bias the within-set mean up as the diagonal would
-            distinct = idx[:, None] != idx[None, :]
-            return float(k[np.ix_(idx, idx)][distinct].mean()) if distinct.any() else float("nan")
-
-        def stat(r: list[np.ndarray], g: list[np.ndarray]) -> float:
-            ri, gi = np.concatenate(r), np.concatenate(g)
-            return within(ri) + within(gi) - 2 * float(k[np.ix_(ri, gi)].mean())
-
-        return stat, r_units, g_units
+    """(statistic, real clip ids, generated clip ids) for :func:`bootstrap_ci`: the whole-set KID of
+    resampled clips. A resample repeats clips; pairs of segments from two copies of one clip are left
+    out of the within-set means (they would pair a segment with itself, or with its own clip more
+    often than the data does), so on a resample without repeats it is exactly the unbiased KID."""
+    z = np.concatenate([_stack(real), _stack(generated)])
+    lens = [len(c) for c in real] + [len(c) for c in generated]
+    offsets = np.cumsum([0] + lens)
+    gamma = 1.0 / z.shape[1]
     rng = np.random.default_rng(seed)
-    z = np.concatenate([x, y])
+    cache = _poly_kernel(z, z, 3, gamma, 1.0) if len(z) <= _KERNEL_CACHE_SEGMENTS else None
 
-    def stat_subset(r: list[np.ndarray], g: list[np.ndarray]) -> float:
-        ri, gi = np.concatenate(r), np.concatenate(g)
-        ri = rng.choice(ri, min(1000, len(ri)), replace=False)
-        gi = rng.choice(gi, min(1000, len(gi)), replace=False)
-        return _poly_mmd2_unbiased(z[ri], z[gi], 3, gamma, 1.0)
+    def kern(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return cache[np.ix_(a, b)] if cache is not None else _poly_kernel(z[a], z[b], 3, gamma, 1.0)
 
-    return stat_subset, r_units, g_units
+    def expand(clip_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        seg = np.concatenate([np.arange(offsets[c], offsets[c + 1]) for c in clip_ids])
+        clip = np.repeat(clip_ids, [lens[c] for c in clip_ids])
+        inst = np.repeat(np.arange(len(clip_ids)), [lens[c] for c in clip_ids])
+        if len(seg) > 1000:  # large sets: one random subset of 1000 segments per resample
+            keep = rng.choice(len(seg), 1000, replace=False)
+            seg, clip, inst = seg[keep], clip[keep], inst[keep]
+        return seg, clip, inst
+
+    def within(seg: np.ndarray, clip: np.ndarray, inst: np.ndarray) -> float:
+        same_copy = inst[:, None] == inst[None, :]
+        valid = (clip[:, None] != clip[None, :]) | (same_copy & (seg[:, None] != seg[None, :]))
+        return float(kern(seg, seg)[valid].mean()) if valid.any() else float("nan")
+
+    def stat(r: np.ndarray, g: np.ndarray) -> float:
+        (rs, rc, ri), (gs, gc, gi) = expand(r), expand(g + len(real))
+        return within(rs, rc, ri) + within(gs, gc, gi) - 2 * float(kern(rs, gs).mean())
+
+    return stat, np.arange(len(real)), np.arange(len(generated))
 
 
 def embedding_metrics(
@@ -215,8 +216,8 @@ def embedding_metrics(
     clip/segment counts; ``floor``: the same between two halves of the real clips (>= 4 clips).
 
     KID: percentile bootstrap over clips of the whole-set unbiased estimate (one random subset of
-    1000 segments per set when the sets are large; same expectation as the subset mean), with pairs
-    of copies of one segment left out. FAD: delete-a-group jackknife over clips (normal interval),
+    1000 segments per set when the sets are large; same expectation as the subset mean), pairs from
+    two copies of one clip left out. FAD: delete-a-group jackknife over clips (normal interval),
     because FAD grows as the number of distinct clips shrinks and a bootstrap resample repeats clips
     (its percentile interval lies above the figure). FAD depends on N: compare systems at equal N."""
     real, generated = [np.asarray(c) for c in real], [np.asarray(c) for c in generated]
