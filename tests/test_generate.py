@@ -468,3 +468,15 @@ def test_long_piece_figures(model):
     assert rep["semantic_windows"] == len(res.windows["semantic"]) == len(rep["window_rms_db"]) >= 3
     assert all(np.isfinite(r["ratio"]) for r in rep["mel_distance_per_stage"].values())
     assert rep["longest_exact_semantic_repeat_tokens"] < len(res.tokens["semantic"][0])
+
+
+def test_generation_imports_no_training_code():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, musiclm.generate, musiclm.lm.sampling; "
+        "bad = [m for m in sys.modules if m.startswith('musiclm.train') or m.split('.')[0] == 'deepspeed']; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
