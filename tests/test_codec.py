@@ -297,6 +297,35 @@ def test_codec_resume_reproduces_both_engines(codec_work, codec_full):
 
 
 @slow
+def test_codec_resumes_at_another_world_size_through_universal_checkpoints(codec_work, codec_full):
+    """Both engines (SoundStream and its discriminator) of a 2-process checkpoint resume in 1
+    process: each is converted to a universal checkpoint and training goes on from its weights."""
+    import shutil
+
+    from train_utils import launch, metrics, read_log
+
+    run = str(codec_work / "resize")
+    os.makedirs(os.path.join(run, "checkpoints"))
+    tag = os.path.join(run, "checkpoints", "step_00000004")
+    shutil.copytree(os.path.join(codec_full, "checkpoints", "step_00000004"), tag)
+    assert launch(1, _codec_args(codec_work, run), run + ".log") == 0, read_log(run + ".log")[-4000:]
+    text = read_log(run + ".log")
+    assert "world size 2 -> 1, universal checkpoint" in text
+    assert os.path.isdir(os.path.join(tag, "model_universal")) and os.path.isdir(os.path.join(tag, "disc_universal"))
+    full = {r["step"]: r for r in metrics(codec_full) if "train/loss" in r}
+    got = {r["step"]: r for r in metrics(run) if "train/loss" in r}
+    assert sorted(got) == [5]  # steps 1-4 came from the checkpoint
+    # trained weights, not a fresh model: the step-5 losses are those of the 2-process run's step 5
+    # within the difference of batches (one rank's half of them), far from an untrained start
+    for key in ("train/loss/mel", "train/loss/disc"):
+        assert got[5][key] == pytest.approx(full[5][key], rel=0.25), key
+    assert got[5]["train/loss/mel"] < full[1]["train/loss/mel"]
+    resized = _engine_state(run, 5, "disc")
+    before = _engine_state(codec_full, 4, "disc")
+    assert sorted(resized) == sorted(before)
+
+
+@slow
 def test_codec_run_logs_eval_media_and_exports_a_soundstream_tokenizer(codec_work, codec_full):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from train_utils import metrics
