@@ -11,6 +11,9 @@ Written nanoGPT-style, to be read top to bottom:
   keys/values and attends to everything cached so far,
 - GPT-2 weight init (N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)), tied or
   untied input/output embeddings,
+- ``maybe_compile(model, enabled)``: ``torch.compile`` in place (the engine's ``train.compile``,
+  generation's flag); nothing in the forward breaks the graph (no complex ops, no data-dependent
+  Python branches),
 - dtype aware: whatever dtype the parameters have (fp32, bf16, fp16) is the compute dtype; rotary
   rotations are applied in fp32 from an fp32 table that model.to(dtype) never rounds, sampling works
   on fp32 logits, the stage loss upcasts logits.
@@ -393,6 +396,19 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     drop[:, 0] = False
     sorted_lg = sorted_lg.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_lg)
+
+
+def maybe_compile(model: nn.Module, enabled: bool, **kwargs) -> nn.Module:
+    """``torch.compile`` the model in place (``nn.Module.compile``) when ``enabled``; returns it.
+
+    In place, so ``state_dict`` keys keep their names (no ``_orig_mod.`` prefix) and the object
+    others hold a reference to is the compiled one. Compilation happens on the first call (and
+    again for each new kind of call: training vs ``no_grad``, a new shape): tens of seconds on a
+    CPU, hence off by default there (``train.compile`` / generation's ``compile`` flag). kwargs go
+    to ``torch.compile`` (e.g. ``mode="max-autotune"``, ``dynamic=True``)."""
+    if enabled:
+        model.compile(**kwargs)
+    return model
 
 
 def load_stage_model(weights: str, config: dict | str | None = None, map_location="cpu") -> Transformer:

@@ -372,6 +372,11 @@ class Trainer:
         self.engine = self._initialize(model, self.ds_config)
         self.engines = {ckpt.MAIN_ENGINE: self.engine}
         self.timings["deepspeed_initialize"] = time.time() - t
+        if self.train.compile:
+            # In place (nn.Module.compile): checkpoint and export keys keep their names. Tracing and
+            # code generation happen in the first step (and again for eval's no_grad forward).
+            self.engine.compile()
+            self.log("train.compile: model compiled with torch.compile; the first step includes the compile")
         if self.device.type != "cpu":
             self.device = self.engine.device
         self.micro = self.engine.train_micro_batch_size_per_gpu()
@@ -541,6 +546,8 @@ class Trainer:
                 stop_flags = self.log_step(result, pbar)
                 if first:
                     first = False
+                    if self.train.compile:  # the first step traced and compiled forward and backward
+                        self.timings["compile"] = result.time_s
                     self._log_startup()
                 if self.train.eval_every and self.step % self.train.eval_every == 0 and self.eval_urls:
                     self.log_eval(self.evaluate())

@@ -66,6 +66,7 @@ class TrainConfig:
     tensorboard: bool = True
     optimizer: str = "auto"  # auto: torch AdamW on CPU (no JIT-compiled op), DeepSpeed's on GPU
     shm_allreduce: bool = False  # CPU: DeepSpeed's shared-memory all-reduce (a JIT-compiled op)
+    compile: bool = False  # torch.compile the main model (DeepSpeed engine.compile); the first step pays for it
 
     def check(self, where: str) -> None:
         require(self.max_steps >= 1, f"{where}.max_steps", f"must be >= 1, got {self.max_steps}")
