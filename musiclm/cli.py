@@ -200,7 +200,14 @@ def _eval_fad(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from musiclm.generate import GenerationRequestError, MusicLM, parse_story_prompt, sampling_overrides, slugify
+    from musiclm.generate import (
+        GenerationRequestError,
+        MusicLM,
+        check_request,
+        parse_story_prompt,
+        sampling_overrides,
+        slugify,
+    )
 
     try:
         if args.prompt and args.caption:
@@ -209,11 +216,22 @@ def _generate(args: argparse.Namespace) -> int:
         sampling = sampling_overrides(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale
         )
+        check_request(  # before loading anything
+            caption,
+            duration=args.duration,
+            num_samples=args.num_samples,
+            prompt_audio=args.prompt_audio,
+            unconditional=args.unconditional,
+            sampling=sampling,
+        )
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        model = MusicLM.from_pretrained(args.model, device=args.device)
+        try:
+            model = MusicLM.from_pretrained(args.model, device=args.device)
+        except ValueError as err:  # not a package, or a newer format: one line, not a traceback
+            raise GenerationRequestError(f"cannot load the model {args.model}: {err}") from None
         result = model.generate(
             caption,
             duration=args.duration,

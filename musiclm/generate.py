@@ -52,6 +52,7 @@ __all__ = [
     "GenerationRequestError",
     "GenerationResult",
     "MusicLM",
+    "check_request",
     "parse_story_prompt",
     "rank_order",
     "sampling_overrides",
@@ -185,6 +186,74 @@ class _Request:
     prompt_wav: torch.Tensor | None  # [T] at prompt_sr
     prompt_sr: int | None
     prompt_source: str | None
+
+
+def _check_caption_and_length(
+    caption: CAPTION | None, duration: float, num_samples: int, unconditional: bool
+) -> tuple[list[str], list[float], float]:
+    """The checks that need no model: (captions, switch seconds, duration) or GenerationRequestError."""
+    try:
+        duration = float(duration)
+    except (TypeError, ValueError):
+        raise GenerationRequestError(f"duration must be a number of seconds, got {duration!r}") from None
+    if not math.isfinite(duration) or duration <= 0:
+        raise GenerationRequestError(f"duration must be > 0 seconds, got {duration}")
+    if duration > MAX_DURATION_SECONDS:
+        raise GenerationRequestError(
+            f"duration {duration:g} s is longer than {MAX_DURATION_SECONDS:g} s (one hour): is it in seconds?"
+        )
+    if int(num_samples) != num_samples or not 1 <= num_samples <= MAX_SAMPLES:
+        raise GenerationRequestError(f"num_samples must be a whole number in 1..{MAX_SAMPLES}, got {num_samples}")
+
+    captions: list[str] = []
+    switch: list[float] = [0.0]
+    if unconditional:
+        if caption is not None and (not isinstance(caption, str) or caption.strip()):
+            raise GenerationRequestError("unconditional generation takes no caption")
+    elif caption is None or (isinstance(caption, str) and not caption.strip()):
+        raise GenerationRequestError("the caption is empty: describe the music, or ask for unconditional=True")
+    elif isinstance(caption, str):
+        captions = [caption.strip()]
+    else:
+        story = [parse_story_prompt(c) if isinstance(c, str) else (float(c[0]), str(c[1])) for c in caption]
+        if not story:
+            raise GenerationRequestError("the story has no captions")
+        switch = [t for t, _ in story]
+        captions = [c.strip() for _, c in story]
+        for t, c in story:
+            if not c.strip():
+                raise GenerationRequestError(f"the story caption at {t:g} s is empty")
+        if switch[0] != 0:
+            raise GenerationRequestError(f"the story must start at 0 s (first caption at {switch[0]:g} s)")
+        if any(b <= a for a, b in zip(switch, switch[1:])):
+            raise GenerationRequestError(f"story times must increase: {switch}")
+        if switch[-1] >= duration:
+            raise GenerationRequestError(f"story time {switch[-1]:g} s is not inside the {duration:g} s piece")
+    return captions, switch, duration
+
+
+def check_request(
+    caption: CAPTION | None = None,
+    *,
+    duration: float = 10.0,
+    num_samples: int = 4,
+    prompt_audio=None,
+    unconditional: bool = False,
+    sampling: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """Refuse a bad request without loading a model (the command runs it first): caption, story,
+    duration, num_samples, sampling values and a readable prompt clip. ``MusicLM.generate``
+    repeats these checks and adds the ones that need the model."""
+    _check_caption_and_length(caption, duration, num_samples, unconditional)
+    for name, over in (sampling or {}).items():
+        if name not in STAGES:
+            raise GenerationRequestError(f"sampling settings for unknown stage {name!r}; stages: {list(STAGES)}")
+        try:
+            PAPER_SAMPLING[name].replace(**{k: v for k, v in dict(over).items() if v is not None})
+        except (TypeError, ValueError) as e:
+            raise GenerationRequestError(f"{name} sampling: {e}") from None
+    if prompt_audio is not None:
+        MusicLM._read_prompt(prompt_audio)
 
 
 # ------------------------------------------------------------------------------------------ result
@@ -422,43 +491,7 @@ class MusicLM:
         sampling: Mapping[str, Mapping[str, Any]] | None,
     ) -> _Request:
         """Validate everything before any work."""
-        try:
-            duration = float(duration)
-        except (TypeError, ValueError):
-            raise GenerationRequestError(f"duration must be a number of seconds, got {duration!r}") from None
-        if not math.isfinite(duration) or duration <= 0:
-            raise GenerationRequestError(f"duration must be > 0 seconds, got {duration}")
-        if duration > MAX_DURATION_SECONDS:
-            raise GenerationRequestError(
-                f"duration {duration:g} s is longer than {MAX_DURATION_SECONDS:g} s (one hour): is it in seconds?"
-            )
-        if int(num_samples) != num_samples or not 1 <= num_samples <= MAX_SAMPLES:
-            raise GenerationRequestError(f"num_samples must be a whole number in 1..{MAX_SAMPLES}, got {num_samples}")
-
-        captions: list[str] = []
-        switch: list[float] = [0.0]
-        if unconditional:
-            if caption is not None and (not isinstance(caption, str) or caption.strip()):
-                raise GenerationRequestError("unconditional generation takes no caption")
-        elif caption is None or (isinstance(caption, str) and not caption.strip()):
-            raise GenerationRequestError("the caption is empty: describe the music, or ask for unconditional=True")
-        elif isinstance(caption, str):
-            captions = [caption.strip()]
-        else:
-            story = [parse_story_prompt(c) if isinstance(c, str) else (float(c[0]), str(c[1])) for c in caption]
-            if not story:
-                raise GenerationRequestError("the story has no captions")
-            switch = [t for t, _ in story]
-            captions = [c.strip() for _, c in story]
-            for t, c in story:
-                if not c.strip():
-                    raise GenerationRequestError(f"the story caption at {t:g} s is empty")
-            if switch[0] != 0:
-                raise GenerationRequestError(f"the story must start at 0 s (first caption at {switch[0]:g} s)")
-            if any(b <= a for a, b in zip(switch, switch[1:])):
-                raise GenerationRequestError(f"story times must increase: {switch}")
-            if switch[-1] >= duration:
-                raise GenerationRequestError(f"story time {switch[-1]:g} s is not inside the {duration:g} s piece")
+        captions, switch, duration = _check_caption_and_length(caption, duration, num_samples, unconditional)
 
         settings = dict(self.default_sampling)
         for name, over in (sampling or {}).items():

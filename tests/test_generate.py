@@ -419,7 +419,7 @@ def _write_package(parts, root) -> str:
     return package.package_model(tokenizers=bundle_dir, out=os.path.join(root, "pkg"), **paths)
 
 
-def test_package_then_generate_round_trip_and_cli(parts, model, tmp_path):
+def test_package_then_generate_round_trip_and_cli(parts, model, tmp_path, capsys):
     from musiclm.cli import main
 
     pkg = _write_package(parts, str(tmp_path))
@@ -448,8 +448,18 @@ def test_package_then_generate_round_trip_and_cli(parts, model, tmp_path):
     assert set(doc["timings_seconds"]) >= set(STAGES) and doc["rtf"] > 0 and doc["spectrogram"] == f"{slug}.png"
     with open(os.path.join(out, f"{slug}.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    # a bad request: a message naming the problem, exit status 2, nothing written
-    assert main(["generate", "", "--model", pkg, "--out", str(tmp_path / "none")]) == 2
+    # a bad request: a message naming the problem, exit status 2, nothing written, checked before
+    # the model is loaded (the model named here does not exist)
+    for bad, msg in [
+        (["", "--duration", "4"], "caption is empty"),
+        ([CAPTION, "--duration", "-1"], "duration must be > 0"),
+        ([CAPTION, "--prompt-audio", str(tmp_path / "nope.wav")], "cannot read the prompt clip"),
+        ([CAPTION, "--top-p", "coarse=2"], "top_p must be in"),
+    ]:
+        assert main(["generate", *bad, "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "none")]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["generate", CAPTION, "--model", str(tmp_path / "no-model")]) == 2
+    assert "not a musiclm package" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "none")
 
 
