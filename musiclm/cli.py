@@ -196,6 +196,12 @@ def _eval_fad(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _eval_report(args: argparse.Namespace) -> int:
+    from musiclm.eval.report import run_from_args
+
+    return run_from_args(args)
+
+
 # --- generation ------------------------------------------------------------------------------
 
 
@@ -382,6 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
     from musiclm.eval import fad as fad_eval
 
     fad_eval.add_arguments(p)
+    p = add(
+        "report",
+        _eval_report,
+        "the evaluation report: baselines check, generated vs real (MCC, tag KL, style, tempo, FAD/KID) -> report.md",
+        ev_sub,
+    )
+    from musiclm.eval import report as report_eval
+
+    report_eval.add_arguments(p)
 
     p = add("generate", _generate, "caption in, music out: N candidates reranked by MuLaN -> wav + json + png")
     p.add_argument(

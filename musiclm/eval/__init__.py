@@ -10,6 +10,10 @@
   embeddings of :mod:`musiclm.eval.musicnn` (the pretrained musicnn tagger ported to PyTorch, its
   MagnaTagATune weights vendored), with clip and segment counts and clip-bootstrap intervals
   (:mod:`musiclm.eval.stats`).
+* :mod:`musiclm.eval.report` -- ``musiclm eval report``: generates an evaluation set
+  (:mod:`musiclm.eval.generated`), checks every model against its trivial baseline and writes
+  report.md with MCC (:mod:`musiclm.eval.mcc`), tag KL (:mod:`musiclm.eval.tagkl`), style accuracy
+  (:mod:`musiclm.eval.style`), tempo (:mod:`musiclm.eval.audio_tempo`) and FAD/KID.
 
 Each module exposes ``add_arguments(parser)`` and ``run_from_args(args)`` for the CLI and a plain
 function (e.g. :func:`musiclm.eval.retrieval.evaluate_retrieval`) returning a JSON-able dict.
@@ -17,4 +21,4 @@ Modules are imported on demand (``importlib.import_module(f"musiclm.eval.{family
 ``import musiclm.eval`` stays cheap.
 """
 
-FAMILIES = ("retrieval", "tempo", "codec", "fad")
+FAMILIES = ("retrieval", "tempo", "codec", "fad", "report")

@@ -1,0 +1,280 @@
+"""`musiclm eval report` and its metrics, each on inputs with a known answer.
+
+Metrics: MCC of identical / orthogonal embeddings, the tag KL of identical posteriors (0) and of a
+closed-form pair, a click track at a known BPM through both tempo estimators, the tempo scores on
+hand-made pairs, a style classifier on separable synthetic classes, the unigram entropy of shards
+with a known distribution. End to end: a tiny package (the parts tests/test_package.py builds:
+SoundStream "tiny", MFCC k-means, tiny MuLaN, three tiny stage LMs) on a tiny manifest of two
+synthetic styles -> report.md with the baselines table first, report.json, PNGs, TensorBoard;
+a rerun reuses the generated set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from musiclm.eval.audio_tempo import click_track, fourier_tempo, spearman, tempo_agreement
+from musiclm.eval.mcc import cosine_rows, derangement, mcc
+from musiclm.eval.style import clip_features, label_accuracy, train_classifier
+from musiclm.eval.tagkl import bernoulli_kl, normalized_kl, paired_tag_kl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_mcc_known_answers():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, 8))
+    out = mcc(a, 3 * a, n_boot=50)
+    assert out["value"] == pytest.approx(1.0) and out["n"] == 6 and out["ci95"][0] == pytest.approx(1.0)
+    e = np.eye(4)
+    assert mcc(e, np.roll(e, 1, axis=0), n_boot=10)["value"] == pytest.approx(0.0)
+    np.testing.assert_allclose(cosine_rows(e, -e), -1.0)
+    for n in (2, 3, 9):
+        p = derangement(n, seed=n)
+        assert sorted(p.tolist()) == list(range(n)) and not np.any(p == np.arange(n))
+
+
+def test_tag_kl_known_answers():
+    rng = np.random.default_rng(1)
+    p = rng.uniform(0.01, 0.99, (5, 50))
+    assert np.allclose(bernoulli_kl(p, p), 0.0) and np.allclose(normalized_kl(p, p), 0.0)
+    out = paired_tag_kl(p, p, n_boot=20)
+    assert out["bernoulli"]["value"] == pytest.approx(0.0) and out["n"] == 5
+    # one tag at 0.5 vs 0.25, the rest equal: KL = (0.5 ln 2 + 0.5 ln(2/3)) / 50
+    a, b = np.full(50, 0.3), np.full(50, 0.3)
+    a[0], b[0] = 0.5, 0.25
+    assert bernoulli_kl(a, b) == pytest.approx((0.5 * np.log(2) + 0.5 * np.log(0.5 / 0.75)) / 50)
+    assert normalized_kl(a, b) > 0 and bernoulli_kl(b, a) != pytest.approx(bernoulli_kl(a, b))  # not symmetric
+
+
+@pytest.mark.parametrize("bpm", [62.0, 87.5, 110.0, 140.0])
+def test_click_track_bpm(bpm):
+    from musiclm.data.music_analysis import estimate_tempo
+
+    x = click_track(bpm, 5.0, sr=16000)
+    assert fourier_tempo(x, 16000) == pytest.approx(bpm, rel=0.01)
+    est = estimate_tempo(x, 16000)  # the project's estimator folds into 57-114 BPM
+    assert min(abs(est - bpm), abs(2 * est - bpm)) < 0.01 * bpm
+    assert np.isnan(fourier_tempo(np.zeros(16000 * 3), 16000))
+
+
+def test_tempo_agreement_scores():
+    true = [60.0, 80.0, 100.0, 120.0]
+    exact = tempo_agreement(true, true, n_boot=50)
+    assert exact["spearman"]["value"] == pytest.approx(1.0)
+    assert exact["within_4pct"]["value"] == 1.0 and exact["octave_errors"]["value"] == 0.0
+    pred = [62.0, 86.0, 200.0, float("nan")]  # +3.3 %, +7.5 %, double time, no estimate
+    out = tempo_agreement(pred, true, n_boot=50)
+    assert out["n"] == 3 and out["missing"] == 1
+    assert out["within_4pct"]["value"] == pytest.approx(1 / 3) and out["within_8pct"]["value"] == pytest.approx(2 / 3)
+    assert out["octave_errors"]["value"] == pytest.approx(1 / 3)
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 25]) == pytest.approx(0.8)
+
+
+def test_style_classifier_separates_synthetic_styles():
+    rng = np.random.default_rng(2)
+    styles = ["boom bap", "drill", "lo-fi"]
+    centers = rng.standard_normal((3, 20)) * 3
+
+    def clips(n):
+        y = [styles[i % 3] for i in range(n)]
+        x = [clip_features(centers[i % 3] + rng.standard_normal((5, 20))) for i in range(n)]
+        return np.stack(x), y
+
+    x_tr, y_tr = clips(60)
+    x_te, y_te = clips(30)
+    clf = train_classifier(x_tr, y_tr, "style", seed=7)
+    acc = label_accuracy(clf.predict(x_te), y_te, n_boot=50)
+    assert acc["value"] >= 0.9 > 1 / 3 and acc["n"] == 30
+    assert clf.describe()["chance"] == pytest.approx(1 / 3) and clf.classes == sorted(styles)
+    # labels unrelated to the audio: near chance, not at the ceiling
+    shuffled = list(np.random.default_rng(3).permutation(y_tr))
+    clf2 = train_classifier(x_tr, shuffled, "style", seed=7)
+    assert label_accuracy(clf2.predict(x_te), y_te, n_boot=10)["value"] < 0.8
+    with pytest.raises(ValueError, match="2 classes"):
+        train_classifier(x_tr, ["a"] * len(x_tr))
+
+
+def test_unigram_entropy_of_shards(tmp_path):
+    from musiclm.eval.report import unigram_entropy
+    from musiclm.testing import make_synthetic_token_shards
+
+    tokens = {
+        "acoustic_levels": 4,
+        "acoustic_codebook": 64,
+        "acoustic_rate": 50,
+        "coarse_levels": 2,
+        "semantic_vocab": 16,
+        "semantic_rate": 25,
+        "cond_namespaces": ["semantic", "coarse", "fine"],
+        "cond_levels": 2,
+        "cond_codebook": 8,
+    }
+    make_synthetic_token_shards(str(tmp_path), tokens, n_train=8, n_eval=2, seconds=2.0, samples_per_shard=4)
+    sem = unigram_entropy(str(tmp_path), "semantic", coarse_levels=2, acoustic_levels=4)
+    assert 0 < sem["nats"] <= np.log(16) + 1e-9 and sem["samples"] == 8
+    coarse = unigram_entropy(str(tmp_path), "coarse", coarse_levels=2, acoustic_levels=4)
+    assert set(coarse["per_level"]) == {"0", "1"} and 0 < coarse["nats"] <= np.log(64) + 1e-9
+    # two levels with equal counts: the joint entropy is at most the mean per level + log 2
+    assert coarse["joint_nats"] <= coarse["nats"] + np.log(2) + 1e-9
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def _tiny_package(root) -> str:
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from test_package import _export_stage, _tiny_bundle
+
+    from musiclm.lm.stages import STAGES
+    from musiclm.package import package_model
+
+    bundle = _tiny_bundle(str(root / "src"))
+    fps = bundle.fingerprints()
+    bundle_dir = bundle.save(str(root / "bundle"))
+    stages = {n: _export_stage(n, str(root / n), fps, seed=i) for i, n in enumerate(STAGES)}
+    return package_model(**stages, tokenizers=bundle_dir, out=str(root / "package"))
+
+
+def _tiny_corpus(root) -> str:
+    """12 train + 4 eval clips of two audibly different styles (a low tone with clicks, noise bursts)."""
+    sr = 16000
+    os.makedirs(root / "audio", exist_ok=True)
+    lines = []
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        style = ["tone", "noise"][i % 2]
+        bpm = 70 + 5 * i
+        x = click_track(bpm, 2.0, sr=sr, seed=i)
+        t = np.arange(len(x)) / sr
+        x = x + (0.3 * np.sin(2 * np.pi * 110 * t) if style == "tone" else 0.2 * rng.standard_normal(len(x)))
+        path = root / "audio" / f"c{i:02d}.wav"
+        sf.write(path, x.astype(np.float32), sr)
+        split = "eval" if i >= 12 else "train"
+        cap = f"{'warm tone' if style == 'tone' else 'harsh noise'} beat at {bpm} BPM"
+        lines.append(
+            {
+                "id": f"c{i:02d}",
+                "audio": f"audio/c{i:02d}.wav",
+                "caption": cap,
+                "split": split,
+                "style": style,
+                "mood": ["calm", "dark"][(i // 2) % 2],
+                "bpm": bpm,
+            }
+        )
+    with open(root / "manifest.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(line) for line in lines) + "\n")
+    return str(root / "manifest.jsonl")
+
+
+def _fake_runs(root, shards) -> list[str]:
+    """Run folders as the training monitor leaves them: config.yaml (stage, shards) + metrics.jsonl."""
+    runs = []
+    for name, loss in (("semantic", 0.5), ("coarse", 0.7), ("fine", 99.0)):  # fine above its baseline: FAIL
+        d = root / "runs" / name
+        os.makedirs(d, exist_ok=True)
+        (d / "config.yaml").write_text(f"stage: {name}\ndata:\n  shards: [{shards}]\n")
+        (d / "metrics.jsonl").write_text(
+            json.dumps({"step": 5, "train/loss": 3.0}) + "\n" + json.dumps({"step": 5, "eval/loss": loss}) + "\n"
+        )
+        runs.append(str(d))
+    return runs
+
+
+def test_report_end_to_end(tmp_path):
+    from test_package import TOKENS
+
+    from musiclm.cli import main
+    from musiclm.testing import make_synthetic_token_shards
+
+    package = _tiny_package(tmp_path)
+    manifest = _tiny_corpus(tmp_path)
+    shards = tmp_path / "tokens"
+    make_synthetic_token_shards(str(shards), TOKENS, n_train=8, n_eval=2, seconds=2.0, samples_per_shard=4)
+    runs = _fake_runs(tmp_path, shards)
+    mem = tmp_path / "memorization.json"
+    mem.write_text(json.dumps({"exact_share": 0.0, "approx_share": 0.25, "longest_exact_match": 7, "n": 4}))
+    out = tmp_path / "report"
+    args = [
+        "eval",
+        "report",
+        "--model",
+        package,
+        "--manifest",
+        manifest,
+        "--captions",
+        "3",
+        "--num-samples",
+        "2",
+        "--duration",
+        "1.0",
+        "--out",
+        str(out),
+        "--runs",
+        *runs,
+        "--memorization",
+        str(mem),
+        "--n-boot",
+        "50",
+        "--threads",
+        "1",
+    ]
+    assert main(args) == 0
+    md = (out / "report.md").read_text()
+    sections = [ln for ln in md.splitlines() if ln.startswith("## ")]
+    assert sections[0] == "## Does each model beat its trivial baseline?"
+    table = md.split("## Does each model beat its trivial baseline?")[1].split("\n\n")[1]
+    assert "| semantic stage | eval loss < unigram entropy | 0.500 |" in table and "**pass**" in table
+    assert "| fine stage |" in table and "**FAIL**" in table  # 99 nats is not below any entropy here
+    assert "| MuLaN |" in table and "| codec | " in table and "not checked" in table  # no --codec-eval given
+    for title in (
+        "MuLaN cycle consistency",
+        "KL divergence",
+        "Style accuracy",
+        "Mood accuracy",
+        "Tempo against",
+        "FAD and KID",
+        "Memorization",
+        "paper's MusicCaps figures",
+    ):
+        assert title in md, title
+    assert "| 0 | 0.25 | 7 | 4 |" in md  # the memorization JSON as given
+
+    r = json.loads((out / "report.json").read_text())
+    met = r["metrics"]
+    assert met["mcc"]["first"]["n"] == 3 and met["mcc"]["real"]["n"] == 4 and "unconditional" in met["mcc"]
+    assert set(met["kl"]) >= {"first", "best", "shuffled", "unconditional", "real_shuffled"}
+    style = met["classifiers"]["style"]
+    assert style["chance"] == 0.5 and style["classifier"]["train_clips"] == 12
+    assert style["real"]["value"] >= 0.75  # two audibly different styles: the ceiling is high
+    for est in ("project", "fourier"):  # 1-s clips hold one or two beats: the figures themselves mean little here
+        assert met["tempo"][est]["real"]["n"] + met["tempo"][est]["real"]["missing"] == 4
+        assert len(met["tempo"][est]["estimates"]["first"]) == 3
+    assert met["fad"]["first"]["generated"]["clips"] == 3 and met["fad"]["first"]["real"]["clips"] == 4
+    for png in ("spectrograms.png", "metrics.png", "tempo.png"):
+        assert (out / png).stat().st_size > 1000
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tb"))
+
+    index = json.loads((out / "generated" / "index.json").read_text())
+    assert len(index["items"]) == 3 and len(index["unconditional"]["files"]) == 3
+    rec = index["items"][0]
+    assert rec["files"] == ["cand1.wav", "cand2.wav"] and rec["first"] == "cand1.wav"
+    assert rec["best"] == rec["files"][rec["rank_order"][0]]
+    assert sorted(index["shuffle"]) == [0, 1, 2] and all(index["shuffle"][i] != i for i in range(3))
+
+    # a rerun reads the saved set: nothing is generated again
+    before = {f: os.path.getmtime(out / "generated" / rec["dir"] / f) for f in rec["files"]}
+    shutil.rmtree(out / "tb")
+    assert main(args + ["--no-tensorboard"]) == 0
+    assert {f: os.path.getmtime(out / "generated" / rec["dir"] / f) for f in rec["files"]} == before
