@@ -25,7 +25,9 @@ Presets (``SOUNDSTREAM_PRESETS``):
 * ``demo``: 24 kHz, strides (2, 4, 5, 8) = hop 320 = 75 Hz (EnCodec's rate), 8 channels,
   8 levels x 256 codes, dead-code threshold 0.05 (trains on 2 CPU cores; with the batch of
   launch/configs/codec.yaml, 4 x 0.5 s = 150 vectors a step or ~0.6 per code, a threshold of 2
-  restarted most codes every step);
+  restarted most codes every step), EMA decay 0.9 (at 0.99 the codebooks lag the encoder's
+  early moves and level 1 collapsed to 1-2 codes within 10 steps, perplexity 1.3 of 256 at step 60;
+  at 0.9 it recovers to 19 by step 60, same mel loss);
 * ``paper``: 24 kHz, strides (2, 4, 6, 10) = hop 480 = 50 Hz, 32 channels, 12 levels x 1024 codes
   (MusicLM: coarse = levels 1-4). ``strides: [2, 4, 5, 8]`` gives 75 Hz.
 
@@ -85,7 +87,7 @@ SOUNDSTREAM_PRESETS: dict[str, dict] = {
         "dead_code_threshold": 0.5,
         "kmeans_iters": 10,
     },
-    "demo": {"channels": 8, "dead_code_threshold": 0.05},
+    "demo": {"channels": 8, "dead_code_threshold": 0.05, "ema_decay": 0.9},
     "paper": {
         "channels": 32,
         "dim": 128,
