@@ -196,6 +196,12 @@ def _eval_fad(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _eval_memorization(args: argparse.Namespace) -> int:
+    from musiclm.eval.memorization import run_from_args
+
+    return run_from_args(args)
+
+
 def _eval_report(args: argparse.Namespace) -> int:
     from musiclm.eval.report import run_from_args
 
@@ -388,6 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     from musiclm.eval import fad as fad_eval
 
     fad_eval.add_arguments(p)
+    p = add(
+        "memorization",
+        _eval_memorization,
+        "semantic stage prompted with training clips: exact / approximate copies, longest match in the shards",
+        ev_sub,
+    )
+    from musiclm.eval import memorization as memorization_eval
+
+    memorization_eval.add_arguments(p)
     p = add(
         "report",
         _eval_report,

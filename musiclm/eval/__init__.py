@@ -10,6 +10,10 @@
   embeddings of :mod:`musiclm.eval.musicnn` (the pretrained musicnn tagger ported to PyTorch, its
   MagnaTagATune weights vendored), with clip and segment counts and clip-bootstrap intervals
   (:mod:`musiclm.eval.stats`).
+* :mod:`musiclm.eval.memorization` -- the MusicLM paper's memorization analysis: the semantic stage
+  prompted with training samples, the share of exact and approximate (token-histogram transport)
+  copies of their continuations, greedy and sampled, and the longest generated run found verbatim in
+  the train shards (suffix array).
 * :mod:`musiclm.eval.report` -- ``musiclm eval report``: generates an evaluation set
   (:mod:`musiclm.eval.generated`), checks every model against its trivial baseline and writes
   report.md with MCC (:mod:`musiclm.eval.mcc`), tag KL (:mod:`musiclm.eval.tagkl`), style accuracy
@@ -21,4 +25,4 @@ Modules are imported on demand (``importlib.import_module(f"musiclm.eval.{family
 ``import musiclm.eval`` stays cheap.
 """
 
-FAMILIES = ("retrieval", "tempo", "codec", "fad", "report")
+FAMILIES = ("retrieval", "tempo", "codec", "fad", "memorization", "report")
