@@ -282,3 +282,27 @@ def test_report_end_to_end(tmp_path):
     again = generate_eval_set(lm, manifest_items(manifest)[:3], str(out / "generated"), num_samples=2, duration=1.0)
     assert again["items"] == index["items"] and again["unconditional"] == index["unconditional"]
     assert {f: os.path.getmtime(out / "generated" / rec["dir"] / f) for f in rec["files"]} == before
+
+
+def test_memorization_table_reads_both_forms():
+    from musiclm.eval.report import memorization_table
+
+    flat = memorization_table({"exact_share": 0.0, "approx_share": 0.25, "longest_exact_match": 7, "n": 4})
+    assert flat[-1] == "| 0 | 0.25 | 7 | 4 |"
+    nested = {
+        "n": 64,
+        "prompt_seconds": 5.0,
+        "continuation_seconds": 5.0,
+        "greedy": {
+            "exact_share": 0.5,
+            "approx_share": 0.75,
+            "ci95": {"exact_share": [0.4, 0.6], "approx_share": None},
+            "negative_match_share": 0.01,
+        },
+        "sampled": {"exact_share": 0.0, "approx_share": 0.1, "ci95": {}},
+        "longest_exact_match": {"tokens": 50, "seconds": 2.0, "clip": "beat-1"},
+        "reference": {"match_length_seconds": {"n": 8, "max": 0.4}},
+    }
+    text = "\n".join(memorization_table(nested))
+    assert "| greedy | 0.500 [0.400, 0.600] | 0.750 | 0.010 | 64 |" in text and "| sampled | 0.000 |" in text
+    assert "2.00 s (50 tokens)" in text and "longest 0.40 s" in text

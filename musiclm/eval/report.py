@@ -55,6 +55,7 @@ __all__ = [
     "codec_check",
     "evaluate_report",
     "render_markdown",
+    "memorization_table",
     "add_arguments",
     "run_from_args",
     "main",
@@ -856,18 +857,9 @@ def render_markdown(r: dict) -> str:
                 f"{fl['halves'][1]['clips']} / {fl['halves'][1]['segments']} |"
             )
         lines += ["", "FAD grows as sets shrink: compare rows at equal N, read KID for small sets.", ""]
-    mem = r.get("memorization")
     lines += ["### Memorization", ""]
-    if mem:
-        keys = [k for k in ("exact_share", "approx_share", "longest_exact_match", "n") if k in mem]
-        lines += [
-            "| " + " | ".join(keys) + " |",
-            "|" + "---:|" * len(keys),
-            "| " + " | ".join(_ci_cell(mem[k]) if isinstance(mem[k], dict) else _f(mem[k], "g") for k in keys) + " |",
-            "",
-            f"From `{r.get('memorization_source')}`.",
-            "",
-        ]
+    if r.get("memorization"):
+        lines += memorization_table(r["memorization"]) + ["", f"From `{r.get('memorization_source')}`.", ""]
     else:
         lines += [
             "Not included: pass `--memorization PATH` (the memorization.json of `musiclm eval memorization`).",
@@ -893,6 +885,57 @@ def render_markdown(r: dict) -> str:
     lines += ["## Time", "", "| step | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in (r.get("seconds") or {}).items()]
     return "\n".join(lines) + "\n"
+
+
+def _share_cell(value, ci) -> str:
+    return _ci_cell({"value": value, "ci95": ci})
+
+
+def _match_cell(m) -> str:
+    if isinstance(m, dict):
+        if "seconds" in m:
+            return f"{_f(m.get('seconds'), '.2f')} s ({m.get('tokens')} tokens)"
+        return _ci_cell(m)
+    return _f(m, "g")
+
+
+def memorization_table(mem: dict) -> list[str]:
+    """Markdown rows of a memorization JSON: the flat form ``{"exact_share", "approx_share",
+    "longest_exact_match", "n"}`` (values or ``{"value", "ci95"}``), or ``musiclm eval memorization``'s
+    (``greedy`` / ``sampled`` sections with ``ci95`` per share, ``longest_exact_match`` in tokens and s)."""
+    rows = [d for d in ("greedy", "sampled") if isinstance(mem.get(d), dict) and "exact_share" in mem[d]]
+    if not rows:
+        keys = [k for k in ("exact_share", "approx_share", "longest_exact_match", "n") if k in mem]
+        return [
+            "| " + " | ".join(keys) + " |",
+            "|" + "---:|" * len(keys),
+            "| " + " | ".join(_match_cell(mem[k]) for k in keys) + " |",
+        ]
+    lines = [
+        "| decoding | exact copies [95 % CI] | approximate copies [95 % CI] | chance (other clip's target) | N |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for d in rows:
+        sec = mem[d]
+        ci = sec.get("ci95") or {}
+        lines.append(
+            f"| {d} | {_share_cell(sec['exact_share'], ci.get('exact_share'))} | "
+            f"{_share_cell(sec.get('approx_share'), ci.get('approx_share'))} | "
+            f"{_f(sec.get('negative_match_share'))} | {mem.get('n')} |"
+        )
+    extra = []
+    if "longest_exact_match" in mem:
+        extra.append(
+            f"longest generated run found verbatim in the training shards: {_match_cell(mem['longest_exact_match'])}"
+        )
+    if isinstance(mem.get("longest_exact_match_other_clip"), dict):
+        extra.append(f"in a clip other than the prompt's: {_match_cell(mem['longest_exact_match_other_clip'])}")
+    ref = (mem.get("reference") or {}).get("match_length_seconds")
+    if isinstance(ref, dict) and ref.get("max") is not None:
+        extra.append(f"held-out real continuations (chance): longest {_f(ref.get('max'), '.2f')} s")
+    if mem.get("prompt_seconds") is not None:
+        extra.append(f"prompt {mem['prompt_seconds']} s, continuation {mem.get('continuation_seconds')} s")
+    return lines + ([""] + ["; ".join(extra) + "."] if extra else [])
 
 
 # --------------------------------------------------------------------------------------------
