@@ -229,6 +229,12 @@ def stage_checks(
         if loss is None:
             row["why_not"] = row.get("why_not") or f"no eval/loss in {run_dir}/metrics.jsonl (give --runs)"
         row["passed"] = None if loss is None or row.get("baseline") is None else bool(loss < row["baseline"])
+        levels = (row.get("baseline_detail") or {}).get("per_level") or {}
+        if name != "semantic" and levels:  # eval/loss/level_N of the run beside each level's entropy
+            row["per_level"] = {
+                lv: {"loss": (m.get(f"eval/loss/level_{lv}") or {}).get("value"), "entropy": h}
+                for lv, h in levels.items()
+            }
         rows.append(row)
     return rows
 
@@ -755,6 +761,14 @@ def render_markdown(r: dict) -> str:
         if c.get("passed") is None and c.get("why_not"):
             result += f" ({c['why_not']})"
         lines.append(f"| {c['model']} | {c['check']} | {_f(val)} | {_f(base)} | {result} |")
+    per_level = [
+        f"{c['model']}: "
+        + ", ".join(f"level {lv} {_f(d['loss'])} vs {_f(d['entropy'])}" for lv, d in c["per_level"].items())
+        for c in r["checks"]
+        if c.get("per_level") and any(d["loss"] is not None for d in c["per_level"].values())
+    ]
+    if per_level:
+        lines += ["", "Per acoustic level (eval loss vs that level's unigram entropy): " + "; ".join(per_level) + "."]
     lines += [
         "",
         "Stage losses are the last `eval/loss` (nats per target token) of each run's metrics.jsonl; the baseline is "
