@@ -612,7 +612,7 @@ def evaluate_report(
                 "model": "codec",
                 "check": "log-mel L1 < random EnCodec",
                 "passed": None,
-                "why_not": "no --codec-eval JSON (musiclm eval codec --out DIR writes DIR/codec_eval.json)",
+                "why_not": "no --codec-eval JSON; `musiclm eval codec --out DIR` writes DIR/codec_eval.json",
             }
         )
     timings["baselines"] = time.perf_counter() - t0
