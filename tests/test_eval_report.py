@@ -306,3 +306,22 @@ def test_memorization_table_reads_both_forms():
     text = "\n".join(memorization_table(nested))
     assert "| greedy | 0.500 [0.400, 0.600] | 0.750 | 0.010 | 64 |" in text and "| sampled | 0.000 |" in text
     assert "2.00 s (50 tokens)" in text and "longest 0.40 s" in text
+
+
+def test_musiccaps_set_lists_missing_clips(tmp_path):
+    from musiclm.eval.generated import bpm_from_caption, musiccaps_items
+
+    audio = tmp_path / "downloads"
+    os.makedirs(audio)
+    for ytid in ("abc123", "def456"):
+        sf.write(audio / f"{ytid}.wav", click_track(90, 2.0, sr=16000), 16000)
+    (tmp_path / "musiccaps.csv").write_text(
+        "ytid,start_s,end_s,aspect_list,caption\n"
+        "abc123,30,40,\"['hip hop']\",A mellow hip hop beat at 90 bpm.\n"
+        "zzz999,0,10,\"['rock']\",A loud rock song.\n"
+        "def456,10,20,\"['jazz']\",Smooth jazz with brushes.\n"
+    )
+    items, missing = musiccaps_items(str(tmp_path / "musiccaps.csv"), str(audio))
+    assert [it.id for it in items] == ["abc123", "def456"] and missing == ["zzz999"]
+    assert items[0].labels == {"bpm": 90.0} and items[1].labels == {}
+    assert bpm_from_caption("trap, 140BPM, dark") == 140.0 and bpm_from_caption("no tempo here") is None
