@@ -180,7 +180,7 @@ def test_cli_on_exported_weights_and_shards(tmp_path, overfit):
     meta = {"stage": "semantic", "model": model.cfg.to_dict(), "tokens": TOKENS, "window_seconds": 4.0}
     write_exported({k: v.clone() for k, v in model.state_dict().items()}, meta, weights)
     out = str(tmp_path / "out")
-    args = ["eval", "memorization", "--model", weights, "--shards", shards, "--clips", "6"]
+    args = ["eval", "memorization", "--model", weights, "--shards", shards, "--clips", "6", "--threads", "1"]
     assert main(args + ["--prompt-seconds", "1", "--continuation-seconds", "2", "--out", out]) == 0
     res = json.load(open(os.path.join(out, "memorization.json")))
     assert res["n"] == 6 and res["index"]["sequences"] == 12 and res["ground_cost"] == "0/1 token identity"

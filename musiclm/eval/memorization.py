@@ -855,11 +855,18 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-negatives", type=int, default=2000, help="negative pairs (different clips) drawn at most")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's; 1 is faster on a shared machine)"
+    )
     p.add_argument("--out", default=None, help="folder for memorization.json and memorization.png")
     return p
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(int(args.threads))
     res = memorization_from_paths(
         args.model,
         args.shards,
