@@ -60,6 +60,20 @@ def test_compiled_matches_eager_with_activation_checkpointing():
     _check_same("aot_eager", checkpointing=True)
 
 
+def test_one_graph_for_repeated_training_steps():
+    """The rotary table exists before the first compiled call (Transformer.compile builds it), so
+    the second step reuses the first step's graph instead of compiling another."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    m = maybe_compile(_model(), True, backend="aot_eager")
+    x = torch.randint(0, V, (2, L))
+    for _ in range(3):
+        m(x).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_maybe_compile_off_is_identity():
     m = _model()
     assert maybe_compile(m, False) is m and m._compiled_call_impl is None

@@ -252,6 +252,13 @@ class Transformer(nn.Module):
         n = self.num_params(non_embedding=True) + c.vocab_size * c.d_model
         return 6.0 * n + 12.0 * c.n_layer * c.d_model * seq_len
 
+    def compile(self, *args, **kwargs) -> None:
+        """``nn.Module.compile`` (in place; DeepSpeed's ``engine.compile()`` calls it), with the
+        rotary table built first: building it inside the compiled forward changes the module's
+        state, and the next call would compile a second graph."""
+        self._rope(0, self.cfg.max_seq_len, self.tok_emb.weight.device)
+        super().compile(*args, **kwargs)
+
     # -- forward -------------------------------------------------------------------------------
 
     def _rope(self, start: int, length: int, device) -> torch.Tensor:
