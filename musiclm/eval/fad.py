@@ -348,12 +348,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    if args.threads:
-        import torch
-        from threadpoolctl import threadpool_limits  # scikit-learn's dependency: caps numpy's BLAS threads
+    from musiclm.eval.stats import limit_threads
 
-        torch.set_num_threads(args.threads)
-        threadpool_limits(args.threads)
+    limit_threads(args.threads)
     try:
         result = evaluate_fad(
             args.real,

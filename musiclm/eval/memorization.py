@@ -863,10 +863,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    if getattr(args, "threads", None):
-        import torch
+    from musiclm.eval.stats import limit_threads
 
-        torch.set_num_threads(int(args.threads))
+    limit_threads(getattr(args, "threads", None))
     res = memorization_from_paths(
         args.model,
         args.shards,

@@ -1152,12 +1152,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    if args.threads:
-        import torch
-        from threadpoolctl import threadpool_limits
+    from musiclm.eval.stats import limit_threads
 
-        torch.set_num_threads(args.threads)
-        threadpool_limits(args.threads)
+    limit_threads(args.threads)
     try:
         r = evaluate_report(
             args.model,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "jackknife_ci"]
+__all__ = ["bootstrap_ci", "jackknife_ci", "limit_threads"]
 
 
 def bootstrap_ci(
@@ -102,3 +102,17 @@ def jackknife_ci(
     out["se"] = se
     out[key] = [value - z * se, value + z * se]
     return out
+
+
+def limit_threads(threads: int | None) -> None:
+    """Cap torch's intra-op threads and numpy's BLAS pool (``--threads`` of the eval commands).
+
+    On a machine whose cores are shared, one thread per process is often several times faster than
+    the defaults (which assume every core is free). ``None``/0 leaves the defaults alone."""
+    if not threads:
+        return
+    import torch
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+
+    torch.set_num_threads(int(threads))
+    threadpool_limits(int(threads))
