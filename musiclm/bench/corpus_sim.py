@@ -35,18 +35,9 @@ import tracemalloc
 import numpy as np
 
 from musiclm.data import storage
+from musiclm.lm.stages import PAPER_TOKENS
 
-SIM_TOKENS = dict(
-    acoustic_levels=12,
-    acoustic_codebook=1024,
-    acoustic_rate=50,
-    coarse_levels=4,
-    semantic_vocab=1024,
-    semantic_rate=25,
-    cond_namespaces=["semantic", "coarse", "fine"],
-    cond_levels=12,
-    cond_codebook=1024,
-)
+SIM_TOKENS = PAPER_TOKENS  # the paper's token layout
 MULAN_DIM = 128
 S3_PAGE = 1000  # keys per ListObjectsV2 page (the S3 maximum)
 

@@ -27,23 +27,11 @@ import sys
 import torch
 
 from musiclm.lm import PAPER_WINDOWS, Transformer, get_stage
+from musiclm.lm.stages import PAPER_TOKENS
 from musiclm.train.estimate import zero_estimators
 
 GiB = 1024**3
 
-# The paper's tokens: SoundStream 24 kHz at 50 Hz with 12 RVQ levels (4 coarse + 8 fine),
-# w2v-BERT k-means at 25 Hz with 1024 clusters, MuLaN RVQ 12 levels x 1024 per namespace.
-PAPER_TOKENS = dict(
-    acoustic_levels=12,
-    acoustic_codebook=1024,
-    acoustic_rate=50,
-    coarse_levels=4,
-    semantic_vocab=1024,
-    semantic_rate=25,
-    cond_namespaces=["semantic", "coarse", "fine"],
-    cond_levels=12,
-    cond_codebook=1024,
-)
 # The same with EnCodec 24 kHz (75 Hz, 6 kbps = 8 levels: 4 coarse + 4 fine).
 ENCODEC_TOKENS = dict(PAPER_TOKENS, acoustic_levels=8, acoustic_rate=75)
 

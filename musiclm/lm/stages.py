@@ -60,6 +60,19 @@ STAGE_STREAMS = {
     "fine": ("acoustic", "cond"),
 }
 PAPER_WINDOWS = {"semantic": 30.0, "coarse": 10.0, "fine": 3.0}
+# The paper's tokens (a ``tokens:`` section): SoundStream 24 kHz at 50 Hz with 12 RVQ levels (4 coarse
+# + 8 fine), w2v-BERT k-means at 25 Hz with 1024 clusters, MuLaN RVQ 12 levels x 1024 per namespace.
+PAPER_TOKENS = dict(
+    acoustic_levels=12,
+    acoustic_codebook=1024,
+    acoustic_rate=50,
+    coarse_levels=4,
+    semantic_vocab=1024,
+    semantic_rate=25,
+    cond_namespaces=["semantic", "coarse", "fine"],
+    cond_levels=12,
+    cond_codebook=1024,
+)
 DEMO_WINDOWS = {"semantic": 10.0, "coarse": 5.0, "fine": 2.0}
 
 
