@@ -105,20 +105,12 @@ def test_style_classifier_separates_synthetic_styles():
 
 
 def test_unigram_entropy_of_shards(tmp_path):
+    from test_package import TOKENS
+
     from musiclm.eval.report import unigram_entropy
     from musiclm.testing import make_synthetic_token_shards
 
-    tokens = {
-        "acoustic_levels": 4,
-        "acoustic_codebook": 64,
-        "acoustic_rate": 50,
-        "coarse_levels": 2,
-        "semantic_vocab": 16,
-        "semantic_rate": 25,
-        "cond_namespaces": ["semantic", "coarse", "fine"],
-        "cond_levels": 2,
-        "cond_codebook": 8,
-    }
+    tokens = {k: v for k, v in TOKENS.items() if k != "window_seconds"}
     make_synthetic_token_shards(str(tmp_path), tokens, n_train=8, n_eval=2, seconds=2.0, samples_per_shard=4)
     sem = unigram_entropy(str(tmp_path), "semantic", coarse_levels=2, acoustic_levels=4)
     assert 0 < sem["nats"] <= np.log(16) + 1e-9 and sem["samples"] == 8
