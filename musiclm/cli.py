@@ -241,7 +241,7 @@ def _generate(args: argparse.Namespace) -> int:
 
             torch.set_num_threads(args.threads)
         try:
-            model = MusicLM.from_pretrained(args.model, device=args.device)
+            model = MusicLM.from_pretrained(args.model, device=args.device, compile=args.compile)
         except ValueError as err:  # not a package, or a newer format: one line, not a traceback
             raise GenerationRequestError(f"cannot load the model {args.model}: {err}") from None
         result = model.generate(
@@ -440,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=0.5, help="fraction of each window kept as context")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--compile", action="store_true", help="torch.compile the stage LMs (GPU; slow start on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = add("bench", _bench, "benchmarks, printed as JSON")

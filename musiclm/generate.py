@@ -402,12 +402,17 @@ class MusicLM:
                 self.default_sampling[name] = self.default_sampling[name].replace(**dict(section))
 
     @classmethod
-    def from_pretrained(cls, directory: str, device: str = "cpu") -> MusicLM:
+    def from_pretrained(cls, directory: str, device: str = "cpu", compile: bool = False) -> MusicLM:
         """Load a ``musiclm package`` directory (local or s3://); parts whose fingerprints disagree
-        are refused by :func:`musiclm.package.load_package`."""
+        are refused by :func:`musiclm.package.load_package`. ``compile``: ``torch.compile`` the
+        three stage LMs (dynamic shapes: the KV cache grows; worth it on GPUs, tens of seconds of
+        start-up on a CPU)."""
+        from musiclm.lm.model import maybe_compile
         from musiclm.package import load_package
 
         pkg = load_package(directory, device=device)
+        for _stage, model in pkg.stages.values():
+            maybe_compile(model, compile, dynamic=True)
         return cls(pkg.stages, pkg.tokenizers, pkg.config, directory=pkg.directory)
 
     # -- checks -----------------------------------------------------------------------------------
