@@ -3,6 +3,7 @@
 #   DEMO_SCALE=small (200 clips, default) or full (1,000 clips: the first user's corpus size)
 #   DEMO_MINUTES=N   wall-clock budget per trained model (default 3; train.max_minutes)
 #   DEMO_GEN_SECONDS=N  seconds generated per held-out caption at the end (default 5)
+#   DEMO_EVAL_CAPTIONS=N held-out captions generated and evaluated at the end (default 4)
 # Every step is resumable: rerunning skips finished shards and resumes training from checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ MODELS=models/demo
 TOK=launch/configs/demo/tokenizers.yaml
 PACKAGE=models/rapbeats-demo                # what `musiclm generate --model` loads
 GEN_SECONDS=${DEMO_GEN_SECONDS:-5}
+EVAL_CAPTIONS=${DEMO_EVAL_CAPTIONS:-4}
 SECONDS=0
 TIMES=runs/demo/timings.tsv  # wall time of every step, for the table at the end
 mkdir -p runs/demo && : > "$TIMES"
@@ -94,25 +96,24 @@ musiclm package --semantic "$RUNS/semantic" --coarse "$RUNS/coarse" --fine "$RUN
   --tokenizers "$TOK" --codec "$MODELS/codec" --tokens "$TOKENS" --out "$PACKAGE" --name rapbeats-demo \
   | tail -n 20
 
-step "8. generate: ${GEN_SECONDS} s for each of 4 held-out captions, 4 candidates each, reranked by MuLaN"
-mapfile -t CAPTIONS < <(python - "$DATA/manifest.jsonl" <<'PY'
-import json, sys
-from musiclm.data.manifest import split_for
-clips = [json.loads(line) for line in open(sys.argv[1])]
-held_out = [c["caption"] for c in clips if c.get("split", split_for(c["id"])) == "eval"]
-print("\n".join(held_out[:4]))
-PY
-)
-for caption in "${CAPTIONS[@]}"; do
-  musiclm generate "$caption" --model "$PACKAGE" --duration "$GEN_SECONDS" --num-samples 4 --seed 0 \
-    --out runs/demo/generated --no-progress | tail -n 3
-done
-ls runs/demo/generated
+step "8. generate and evaluate: ${EVAL_CAPTIONS} held-out captions x 4 candidates x ${GEN_SECONDS} s -> runs/demo/report/report.md"
+# The semantic stage prompted with training clips: does it copy them? (the paper's memorization analysis)
+musiclm eval memorization --model "$PACKAGE" --shards "$TOKENS" --clips 64 --prompt-seconds 2 \
+  --continuation-seconds 3 --threads 1 --out runs/demo/eval/memorization | tail -n 5
+# Generation for held-out captions (runs/demo/report/generated/: every candidate in generation order,
+# scores and rerank order in index.json; reruns reuse them), then the report: first the trivial
+# baselines every model must beat, then MCC, tag KL, style, tempo, FAD/KID and memorization, each
+# with its N and a 95 % interval, against real clips, other-caption and unconditional generations.
+# One torch thread: on two shared cores two threads per process were several times slower.
+musiclm eval report --model "$PACKAGE" --manifest "$DATA/manifest.jsonl" --captions "$EVAL_CAPTIONS" \
+  --num-samples 4 --duration "$GEN_SECONDS" --out runs/demo/report \
+  --codec-eval runs/demo/codec/eval/codec_eval.json --retrieval runs/demo/mulan/eval/retrieval.json \
+  --memorization runs/demo/eval/memorization/memorization.json --threads 1 | tail -n 40
 
 close_step
 printf '\n=== [%4ds] done: wall time and steps per model\n' "$SECONDS"
 python -m musiclm.train.report --timings "$TIMES" runs/demo/mulan runs/demo/codec "$RUNS/semantic" "$RUNS/coarse" "$RUNS/fine" \
   | tee runs/demo/summary.md
 echo "tensorboard --logdir runs/demo"
-echo "music: runs/demo/generated/*.wav (best candidate first: <slug>.wav); try:"
+echo "report: runs/demo/report/report.md; music: runs/demo/report/generated/ (index.json: scores, rerank order); try:"
 echo "  musiclm generate \"dark trap beat with 808s and bells, 70 BPM\" --model $PACKAGE --duration 20 --out out/"
