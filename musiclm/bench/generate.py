@@ -35,6 +35,8 @@ import warnings
 import numpy as np
 import torch
 
+from musiclm.lm.stages import DEMO_WINDOWS
+
 CAPTION = "hard-hitting trap beat at 70 bpm with dark piano"
 
 # Token layouts of the random parts. "tiny": tests (seconds on a CPU); "demo": the demo's sizes.
@@ -67,7 +69,7 @@ RANDOM_PRESETS = {
             cond_levels=8,
             cond_codebook=64,
         ),
-        "windows": {"semantic": 10.0, "coarse": 5.0, "fine": 2.0},
+        "windows": DEMO_WINDOWS,
     },
 }
 
