@@ -276,6 +276,33 @@ def test_report_end_to_end(tmp_path):
     assert {f: os.path.getmtime(out / "generated" / rec["dir"] / f) for f in rec["files"]} == before
 
 
+def test_eval_set_in_worker_processes_gives_the_same_files(tmp_path):
+    """workers=2 (two spawned processes, each loading the package) writes byte-identical wavs and the
+    same index as one process, and a rerun with workers=2 generates nothing."""
+    from musiclm.eval.generated import generate_eval_set, manifest_items
+    from musiclm.generate import MusicLM
+
+    package = _tiny_package(tmp_path)
+    items = manifest_items(_tiny_corpus(tmp_path))[:3]
+    lm = MusicLM.from_pretrained(package)
+    kw = dict(num_samples=2, duration=0.5, unconditional=3)
+    one = generate_eval_set(lm, items, str(tmp_path / "w1"), **kw)
+    two = generate_eval_set(lm, items, str(tmp_path / "w2"), workers=2, **kw)
+
+    def strip(index):
+        drop = ("timings_seconds", "wall_seconds")
+        items = [{k: v for k, v in it.items() if k not in drop} for it in index["items"]]
+        return items, index["unconditional"]["files"], index["shuffle"]
+
+    assert strip(one) == strip(two) and [it["id"] for it in two["items"]] == [it.id for it in items]
+    files = [os.path.join(it["dir"], f) for it in one["items"] for f in it["files"]] + one["unconditional"]["files"]
+    assert len(files) == 3 * 2 + 3
+    for f in files:
+        assert (tmp_path / "w1" / f).read_bytes() == (tmp_path / "w2" / f).read_bytes(), f
+    lm.generate = None  # a rerun must not generate (and must not start workers that would)
+    assert strip(generate_eval_set(lm, items, str(tmp_path / "w2"), workers=2, **kw)) == strip(two)
+
+
 def test_memorization_table_reads_both_forms():
     from musiclm.eval.report import memorization_table
 

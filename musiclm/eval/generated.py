@@ -164,6 +164,69 @@ def _settings(model, duration: float, num_samples: int, seed: int) -> dict:
     }
 
 
+def _generate_item(
+    model, i: int, item: EvalItem, out_dir: str, num_samples: int, duration: float, seed: int, progress: bool
+) -> dict:
+    """Generate one caption's candidates into ``out_dir/<slug>/cand<g>.wav``; return its index record."""
+    t0 = time.perf_counter()
+    res = model.generate(item.caption, duration=duration, num_samples=num_samples, seed=seed, progress=progress)
+    sub = _slug(i, item.id)
+    os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    by_gen = {}  # generation index -> (wav, score)
+    for r, g in enumerate(res.order):
+        by_gen[g] = (res.wavs[r], res.scores[r])
+    files = []
+    for g in range(num_samples):
+        name = f"cand{g + 1}.wav"
+        _wav_write(os.path.join(out_dir, sub, name), by_gen[g][0], res.sample_rate)
+        files.append(name)
+    return {
+        "id": item.id,
+        "caption": item.caption,
+        "labels": item.labels,
+        "real": {"audio": item.audio, "start": item.start, "end": item.end},
+        "dir": sub,
+        "files": files,
+        "scores": [by_gen[g][1] for g in range(num_samples)],
+        "rank_order": [int(g) for g in res.order],
+        "first": files[0],
+        "best": files[res.order[0]],
+        "sample_rate": res.sample_rate,
+        "timings_seconds": res.timings,
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _generate_unconditional(model, a: int, b: int, out_dir: str, duration: float, seed: int, progress: bool) -> dict:
+    """Unconditional candidates a..b-1 (one batch, seed + a) into ``out_dir/unconditional/``."""
+    t0 = time.perf_counter()
+    res = model.generate(unconditional=True, duration=duration, num_samples=b - a, seed=seed + a, progress=progress)
+    os.makedirs(os.path.join(out_dir, "unconditional"), exist_ok=True)
+    for r, g in enumerate(res.order):
+        _wav_write(os.path.join(out_dir, f"unconditional/cand{a + g + 1}.wav"), res.wavs[r], res.sample_rate)
+    files = [f"unconditional/cand{a + g + 1}.wav" for g in range(b - a)]
+    wall = round(time.perf_counter() - t0, 2)
+    return {"files": files, "timings": res.timings, "sample_rate": res.sample_rate, "wall_seconds": wall}
+
+
+# Worker processes of generate_eval_set(workers > 1): each loads the package once.
+_WORKER_MODEL = None
+
+
+def _worker_init(model_dir: str, threads: int) -> None:
+    global _WORKER_MODEL
+    from musiclm.generate import MusicLM
+
+    torch.set_num_threads(threads)
+    _WORKER_MODEL = MusicLM.from_pretrained(model_dir)
+
+
+def _worker_run(task: tuple) -> tuple:
+    kind, key, args = task
+    fn = _generate_item if kind == "item" else _generate_unconditional
+    return kind, key, fn(_WORKER_MODEL, *args)
+
+
 def generate_eval_set(
     model,
     items: Sequence[EvalItem],
@@ -174,12 +237,16 @@ def generate_eval_set(
     seed: int = 0,
     unconditional: int | None = None,
     progress: bool = False,
+    workers: int = 1,
 ) -> dict:
     """Generate the set (see the module docstring) and return its index (also ``out_dir/index.json``).
 
     ``model`` is a :class:`musiclm.generate.MusicLM`; ``unconditional`` clips (default: one per item)
-    come from one batch. Items already in an index of the same settings with their wavs on disk
-    are not generated again."""
+    come in batches of ``num_samples``. Items already in an index of the same settings with their
+    wavs on disk are not generated again. ``workers > 1`` generates in that many processes, each
+    loading ``model.directory`` once with this process's torch thread count (on a CPU, one thread per
+    process over all cores beats one process with several threads at these model sizes); every
+    generation depends only on (model, caption, seed), so the files are the same for any ``workers``."""
     from musiclm.data import storage
     from musiclm.eval.mcc import derangement
 
@@ -212,73 +279,67 @@ def generate_eval_set(
         "shuffle_note": "the shuffled-caption generation for item i is the generation of item shuffle[i]: "
         "same model, caption and seed give the same audio",
     }
+    recs: dict[int, dict] = {}
 
     def save() -> None:
+        index["items"] = [recs[i] for i in sorted(recs)]
         storage.write_json_atomic(os.path.join(out_dir, INDEX_FILE), index, indent=1)
 
+    tasks: list[tuple] = []
     for i, item in enumerate(items):
         rec = done.get(item.id)
         if rec is not None and rec.get("caption") == item.caption:
-            index["items"].append(rec)
+            recs[i] = rec
             index["sample_rate"] = index["sample_rate"] or rec.get("sample_rate")
-            continue
-        t0 = time.perf_counter()
-        res = model.generate(item.caption, duration=duration, num_samples=num_samples, seed=seed, progress=progress)
-        sub = _slug(i, item.id)
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-        by_gen = {}  # generation index -> (wav, score)
-        for r, g in enumerate(res.order):
-            by_gen[g] = (res.wavs[r], res.scores[r])
-        files = []
-        for g in range(num_samples):
-            name = f"cand{g + 1}.wav"
-            _wav_write(os.path.join(out_dir, sub, name), by_gen[g][0], res.sample_rate)
-            files.append(name)
-        rec = {
-            "id": item.id,
-            "caption": item.caption,
-            "labels": item.labels,
-            "real": {"audio": item.audio, "start": item.start, "end": item.end},
-            "dir": sub,
-            "files": files,
-            "scores": [by_gen[g][1] for g in range(num_samples)],
-            "rank_order": [int(g) for g in res.order],
-            "first": files[0],
-            "best": files[res.order[0]],
-            "sample_rate": res.sample_rate,
-            "timings_seconds": res.timings,
-            "wall_seconds": round(time.perf_counter() - t0, 2),
-        }
-        index["items"].append(rec)
-        index["sample_rate"] = res.sample_rate
-        save()
-        log.info("eval set: %d/%d %s (%.1f s)", i + 1, len(items), item.id, rec["wall_seconds"])
-
+        else:
+            tasks.append(("item", i, (i, item, out_dir, num_samples, duration, seed, progress)))
     n_uncond = len(items) if unconditional is None else int(unconditional)
+    uncond_parts: dict[int, dict] = {}
     if n_uncond > 0:
         if old_uncond is not None and len(old_uncond["files"]) == n_uncond:
             index["unconditional"] = old_uncond
         else:
-            t0 = time.perf_counter()
-            files = []
-            timings = []
-            for a in range(0, n_uncond, 64):  # MusicLM.generate takes at most 64 candidates per call
-                b = min(n_uncond, a + 64)
-                res = model.generate(
-                    unconditional=True, duration=duration, num_samples=b - a, seed=seed + a, progress=progress
-                )
-                os.makedirs(os.path.join(out_dir, "unconditional"), exist_ok=True)
-                for r, g in enumerate(res.order):
-                    name = f"unconditional/cand{a + g + 1}.wav"
-                    _wav_write(os.path.join(out_dir, name), res.wavs[r], res.sample_rate)
-                timings.append(res.timings)
-                files += [f"unconditional/cand{a + g + 1}.wav" for g in range(b - a)]
-                index["sample_rate"] = res.sample_rate
-            index["unconditional"] = {
-                "files": files,
-                "timings_seconds": timings,
-                "wall_seconds": round(time.perf_counter() - t0, 2),
-            }
+            step = max(1, min(64, num_samples))  # MusicLM.generate takes at most 64 candidates per call
+            for a in range(0, n_uncond, step):
+                tasks.append(("uncond", a, (a, min(n_uncond, a + step), out_dir, duration, seed, progress)))
+
+    def collect(kind: str, key: int, out: dict) -> None:
+        index["sample_rate"] = out["sample_rate"]
+        if kind == "uncond":
+            uncond_parts[key] = out
+            return
+        recs[key] = out
+        save()
+        log.info("eval set: %d/%d %s (%.1f s)", len(recs), len(items), out["id"], out["wall_seconds"])
+
+    if workers > 1 and len(tasks) > 1:
+        import multiprocessing
+
+        if not getattr(model, "directory", None):
+            raise ValueError("generate_eval_set(workers > 1) needs a model loaded from a package directory")
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        n = min(int(workers), len(tasks))
+        log.info("eval set: %d generations in %d worker processes", len(tasks), n)
+        with ProcessPoolExecutor(
+            n,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(model.directory, torch.get_num_threads()),
+        ) as pool:
+            for fut in as_completed([pool.submit(_worker_run, t) for t in tasks]):
+                collect(*fut.result())
+    else:
+        for kind, key, args in tasks:
+            fn = _generate_item if kind == "item" else _generate_unconditional
+            collect(kind, key, fn(model, *args))
+    if uncond_parts:
+        parts = [uncond_parts[a] for a in sorted(uncond_parts)]
+        index["unconditional"] = {
+            "files": [f for p in parts for f in p["files"]],
+            "timings_seconds": [p["timings"] for p in parts],
+            "wall_seconds": round(sum(p["wall_seconds"] for p in parts), 2),
+        }
     save()
     return index
 

@@ -371,6 +371,7 @@ def evaluate_report(
     n_boot: int = 1000,
     tensorboard: bool = True,
     progress: bool = False,
+    workers: int = 1,
 ) -> dict:
     """Generate (or reuse) the evaluation set, compute every metric, write ``out/report.md`` and
     ``out/report.json`` (+ PNGs, ``out/tb``). Returns the report dict."""
@@ -420,6 +421,7 @@ def evaluate_report(
         seed=seed,
         unconditional=unconditional,
         progress=progress,
+        workers=workers,
     )
     timings["generate"] = time.perf_counter() - t0
     gen_dir = os.path.join(out, "generated")
@@ -1148,6 +1150,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch and BLAS threads (0 = their defaults)")
     p.add_argument("--no-tensorboard", action="store_true")
     p.add_argument("--progress", action="store_true", help="progress bars while generating")
+    p.add_argument(
+        "--workers", type=int, default=1, help="generation processes, each with --threads threads (e.g. 2 on 2 cores)"
+    )
     return p
 
 
@@ -1180,6 +1185,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             n_boot=args.n_boot,
             tensorboard=not args.no_tensorboard,
             progress=args.progress,
+            workers=args.workers,
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"eval report: {err}", file=sys.stderr)
