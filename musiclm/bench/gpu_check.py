@@ -158,6 +158,12 @@ def _peak_here() -> float | None:
     return peak_bf16_flops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
 
 
+def _bf16_supported() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
 def _sync() -> None:
     import torch
 
@@ -365,6 +371,9 @@ def part_train(args) -> dict:
         res["mfu"] = f"not computed: {type(e).__name__}: {e}"
     if proc.returncode != 0 or tps is None:
         res["error"] = f"launcher rc {proc.returncode}, {len(recs)} metric records"
+    elif _device() == "cuda" and _bf16_supported() and res.get("bf16") is not True:
+        res["error"] = "the engine did not run in bf16 on a GPU that supports it (its setup line says so)"
+    if "error" in res:
         res["log_tail"] = text[-3000:]
     return res
 
