@@ -72,7 +72,10 @@ def resample(wav: torch.Tensor, orig: int, new: int) -> torch.Tensor:
 
 
 def _resolve(value: Any, base_dir: str | None) -> Any:
-    """A relative path that exists under ``base_dir`` becomes absolute; hub ids stay untouched."""
+    """A relative path that exists under ``base_dir`` becomes absolute; an existing ``s3://`` file
+    or folder becomes a local copy (the loaders open paths); hub ids stay untouched."""
+    if isinstance(value, (str, os.PathLike)) and storage.is_remote(value):
+        return storage.local_copy(value) if storage.exists(value) else os.fspath(value)
     if not isinstance(value, (str, os.PathLike)) or base_dir is None:
         return value
     value = os.fspath(value)

@@ -294,6 +294,57 @@ def write_json_atomic(url: str, obj: Any, *, options: dict | None = None, **dump
     write_text_atomic(url, json.dumps(obj, **dumps_kwargs), options=options)
 
 
+def cache_root() -> str:
+    """Local cache of copies of remote files: ``$MUSICLM_CACHE``, else ``~/.cache/musiclm``."""
+    return os.environ.get("MUSICLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "musiclm")
+
+
+def local_copy(url: str, *, options: dict | None = None) -> str:
+    """A local path holding the content of ``url``, for loaders that open files by path
+    (safetensors, transformers directories, a MuLaN or SoundStream folder). A local path is
+    returned unchanged; a remote file or folder is downloaded once into
+    ``cache_root()/remote/<key>/<name>``, where the key hashes the URL with every object's size and
+    ETag: a changed object gives a new copy, an unchanged one is reused by later processes on the
+    same machine. FileNotFoundError when nothing is there."""
+    import hashlib
+
+    url = os.fspath(url)
+    if not is_remote(url):
+        return url
+    fs, root = get_fs(url, options)
+    root = root.rstrip("/")
+    if fs.isdir(root):
+        found = fs.find(root, detail=True)
+        files = {p[len(root) :].lstrip("/"): info for p, info in found.items() if p[len(root) :].lstrip("/")}
+        if not files:
+            raise FileNotFoundError(f"{url}: an empty folder")
+    else:
+        files = {"": fs.info(root)}  # FileNotFoundError when missing
+    stamp = sorted(
+        (rel, info.get("size"), str(info.get("ETag") or info.get("LastModified") or "")) for rel, info in files.items()
+    )
+    key = hashlib.sha256(json.dumps([url.rstrip("/"), stamp]).encode()).hexdigest()[:20]
+    parent = os.path.join(cache_root(), "remote", key)
+    dest = os.path.join(parent, basename(url) or "data")
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".download-", dir=parent)
+    try:
+        for rel in files:
+            local = os.path.join(tmp, "data", *rel.split("/")) if rel else os.path.join(tmp, "data")
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get_file(f"{root}/{rel}" if rel else root, local)
+        try:
+            os.replace(os.path.join(tmp, "data"), dest)
+        except OSError:
+            if not os.path.exists(dest):  # else another process published the same copy first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 # ------------------------------------------------------------------------------------------
 # webdataset: open s3:// (and other fsspec) URLs
 

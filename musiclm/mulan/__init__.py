@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..data import storage
 from ..quantize import MuLaNEmbedQuantizer, ResidualVQ
 from ..registry import Registry
 from .clap import ClapEmbedder
@@ -64,6 +65,8 @@ def build_embedder(cfg: dict, device: str = "cpu") -> AudioTextEmbedder:
     """Embedder from a config section: ``{"type": "clap", "model": hub id or dir, ...}`` (default
     type) or ``{"type": "mulan", "model": dir}`` for our own trained MuLaN."""
     cfg = dict(cfg)
+    if isinstance(cfg.get("model"), str) and storage.is_remote(cfg["model"]):
+        cfg["model"] = storage.local_copy(cfg["model"])  # an s3:// model folder: loaders open local paths
     kind = cfg.pop("type", "clap")
     device = cfg.pop("device", device)
     return EMBEDDERS.get(kind)(cfg, device)
