@@ -3,7 +3,7 @@
 #   DEMO_SCALE=small (200 clips, default) or full (1,000 clips: the first user's corpus size)
 #   DEMO_MINUTES=N   wall-clock budget per trained model (default 3; train.max_minutes)
 #   DEMO_GEN_SECONDS=N  seconds generated per held-out caption at the end (default 5)
-#   DEMO_EVAL_CAPTIONS=N held-out captions generated and evaluated at the end (default 4)
+#   DEMO_EVAL_CAPTIONS=N held-out captions generated and evaluated at the end (default 8)
 # Every step is resumable: rerunning skips finished shards and resumes training from checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ MODELS=models/demo
 TOK=launch/configs/demo/tokenizers.yaml
 PACKAGE=models/rapbeats-demo                # what `musiclm generate --model` loads
 GEN_SECONDS=${DEMO_GEN_SECONDS:-5}
-EVAL_CAPTIONS=${DEMO_EVAL_CAPTIONS:-4}
+EVAL_CAPTIONS=${DEMO_EVAL_CAPTIONS:-8}
 SECONDS=0
 TIMES=runs/demo/timings.tsv  # wall time of every step, for the table at the end
 mkdir -p runs/demo && : > "$TIMES"
@@ -58,16 +58,24 @@ if ! wait "$CODEC_PID"; then
   tail -n 30 runs/demo/codec/train.log >&2; echo "codec training failed: runs/demo/codec/train.log" >&2; exit 1
 fi
 tail -n 3 runs/demo/codec/train.log
-musiclm export runs/demo/mulan --out runs/demo/mulan/export/mulan.safetensors
-python -c "from musiclm.mulan.checkpoint import load_mulan, save_mulan; \
+# MuLaN's export + retrieval eval and the codec's export + eval are independent: one core each
+(
+  musiclm export runs/demo/mulan --out runs/demo/mulan/export/mulan.safetensors
+  python -c "from musiclm.mulan.checkpoint import load_mulan, save_mulan; \
 save_mulan(load_mulan('runs/demo/mulan/export/mulan.safetensors'), '$MODELS/mulan')"  # self-contained dir
-musiclm eval retrieval --embedder "$MODELS/mulan" --data shards/rapbeats/audio --split eval \
-  --out runs/demo/mulan/eval --quantizer fit --probe-splits train,eval | tail -n 40
+  musiclm eval retrieval --embedder "$MODELS/mulan" --data shards/rapbeats/audio --split eval \
+    --out runs/demo/mulan/eval --quantizer fit --probe-splits train,eval
+) > runs/demo/mulan/eval.log 2>&1 &
+MULAN_EVAL_PID=$!
 musiclm export runs/demo/codec --out "$MODELS/codec/model.safetensors"
 # the codec must beat the random-weight EnCodec the demo used before it (log-mel L1 overall and
 # below 150 Hz, where kick and 808 live): otherwise every acoustic token below is noise
 musiclm eval codec --model "$MODELS/codec" --data shards/rapbeats/audio --split eval --max-clips 8 \
   --lowpass 4000 --out runs/demo/codec/eval --encodec random --require-below encodec
+if ! wait "$MULAN_EVAL_PID"; then
+  tail -n 30 runs/demo/mulan/eval.log >&2; echo "MuLaN export/eval failed: runs/demo/mulan/eval.log" >&2; exit 1
+fi
+tail -n 40 runs/demo/mulan/eval.log
 
 step "4. tokenizers: our SoundStream (step 3), MFCC k-means, MuLaN quantizer"
 python ray_jobs/fit_kmeans.py    --manifest "$DATA/manifest.jsonl" --config "$TOK"
@@ -104,9 +112,10 @@ musiclm eval memorization --model "$PACKAGE" --shards "$TOKENS" --clips 64 --pro
 # scores and rerank order in index.json; reruns reuse them), then the report: first the trivial
 # baselines every model must beat, then MCC, tag KL, style, tempo, FAD/KID and memorization, each
 # with its N and a 95 % interval, against real clips, other-caption and unconditional generations.
-# One torch thread: on two shared cores two threads per process were several times slower.
+# Two generation processes with one torch thread each: on two cores that beats one process with two
+# threads (the demo's models are too small for intra-op parallelism to pay).
 musiclm eval report --model "$PACKAGE" --manifest "$DATA/manifest.jsonl" --captions "$EVAL_CAPTIONS" \
-  --num-samples 4 --duration "$GEN_SECONDS" --out runs/demo/report \
+  --num-samples 4 --duration "$GEN_SECONDS" --out runs/demo/report --workers 2 \
   --codec-eval runs/demo/codec/eval/codec_eval.json --retrieval runs/demo/mulan/eval/retrieval.json \
   --memorization runs/demo/eval/memorization/memorization.json --threads 1 | tail -n 40
 
