@@ -69,9 +69,11 @@ save_mulan(load_mulan('runs/demo/mulan/export/mulan.safetensors'), '$MODELS/mula
 MULAN_EVAL_PID=$!
 musiclm export runs/demo/codec --out "$MODELS/codec/model.safetensors"
 # the codec must beat the random-weight EnCodec the demo used before it (log-mel L1 overall and
-# below 150 Hz, where kick and 808 live): otherwise every acoustic token below is noise
+# below 150 Hz, where kick and 808 live), and its coarse levels must use more than a handful of
+# codes (a collapsed codebook decodes every frame alike yet can beat a random codec): otherwise
+# every acoustic token below is noise
 musiclm eval codec --model "$MODELS/codec" --data shards/rapbeats/audio --split eval --max-clips 8 \
-  --lowpass 4000 --out runs/demo/codec/eval --encodec random --require-below encodec
+  --lowpass 4000 --out runs/demo/codec/eval --encodec random --require-below encodec --min-perplexity 4
 if ! wait "$MULAN_EVAL_PID"; then
   tail -n 30 runs/demo/mulan/eval.log >&2; echo "MuLaN export/eval failed: runs/demo/mulan/eval.log" >&2; exit 1
 fi

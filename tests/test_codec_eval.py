@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,3 +187,48 @@ def test_bench_codec_tiny():
     assert m["encode_rtf"] == pytest.approx(m["encode_s"] / 1.0)
     assert m["sample_rate"] == 8000 and m["frame_rate"] == 50 and m["levels"] == 4
     assert res["ratios"] == {}  # no EnCodec to compare with
+
+
+def test_code_usage_catches_a_collapsed_codebook(tiny_codec_and_shards, capsys):
+    """Perplexity per level from a code histogram (1 = one code everywhere, the collapse whose decoded
+    average spectrum can still beat a random codec), and ``--min-perplexity`` fails on it."""
+    hist = np.zeros((3, 8), dtype=np.int64)
+    hist[0] = 10  # uniform over 8 codes
+    hist[1, 2] = 99  # collapsed: one code on 99 % of frames
+    hist[1, 5] = 1
+    hist[2, :2] = 5  # two codes, half each
+    u = codec_eval.code_usage(hist)
+    assert np.allclose(u["perplexity"], [8.0, np.exp(-(0.99 * np.log(0.99) + 0.01 * np.log(0.01))), 2.0])
+    assert u["top_share"] == [0.125, 0.99, 0.5]
+
+    res = {"codec": {"levels": 3, "level_counts": {"1": 1, "coarse": 2, "all": 3}}, "code_usage": u}
+    fails = codec_eval.require_codes_used(res, 1.5)
+    assert len(fails) == 1 and fails[0].startswith("level 2: code perplexity 1.06 < 1.5") and "99%" in fails[0]
+    assert codec_eval.require_codes_used(res, 1.01) == []  # level 3 (a fine level) is not gated
+    res["codec"]["level_counts"] = {"1=coarse": 1, "all": 3}
+    assert codec_eval.require_codes_used(res, 1.5) == []
+
+    # the command measures usage on the clips and gates on it
+    from musiclm.cli import main
+
+    model_dir, shards, root = tiny_codec_and_shards
+    argv = [
+        "eval",
+        "codec",
+        "--model",
+        model_dir,
+        "--data",
+        shards,
+        "--max-clips",
+        "1",
+        "--no-tempo",
+        "--encodec",
+        "none",
+    ]
+    assert main([*argv, "--out", str(root / "usage"), "--min-perplexity", "1"]) == 0
+    saved = json.load(open(root / "usage" / "codec_eval.json"))
+    perplexity = saved["code_usage"]["perplexity"]
+    assert len(perplexity) == saved["codec"]["levels"] and all(p >= 1.0 for p in perplexity)
+    assert "Codes used on these clips" in capsys.readouterr().out
+    assert main([*argv, "--min-perplexity", "1e6"]) == 1
+    assert "FAIL: level 1: code perplexity" in capsys.readouterr().err

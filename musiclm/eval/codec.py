@@ -299,6 +299,7 @@ def evaluate_codec(
         kept: list[list[bool]] = [[] for _ in rows]
         original_kept: list[bool] = []
         per_clip_ids = []
+        code_hist = np.zeros((levels, int(tok.codebook_size)), dtype=np.int64)  # code usage per level
         first: dict[str, torch.Tensor] = {}
         for ci, clip in enumerate(clips):
             wav = clip["wav"][None]
@@ -306,6 +307,8 @@ def evaluate_codec(
             ref = wav[:, : n * hop]
             outs: list[torch.Tensor | None] = [None] * len(rows)
             codes = tok.encode(ref)
+            for q in range(levels):
+                code_hist[q] += np.bincount(codes[0, q].reshape(-1).numpy(), minlength=code_hist.shape[1])
             enc_codes = None
             for i, r in enumerate(rows):
                 if r["system"] == name:
@@ -362,6 +365,7 @@ def evaluate_codec(
             "params": int(sum(p.numel() for p in tok.model.parameters())) if hasattr(tok, "model") else None,
             "preset": (getattr(getattr(tok, "model", None), "cfg", {}) or {}).get("preset"),
         },
+        "code_usage": code_usage(code_hist),
         "clips": len(clips),
         "clip_ids": per_clip_ids,
         "audio_seconds": float(sum(c["wav"].shape[-1] for c in clips) / sr),
@@ -393,6 +397,33 @@ def evaluate_codec(
     return result
 
 
+def code_usage(hist: np.ndarray) -> dict:
+    """Per level, from a [levels, codebook] histogram of codes: perplexity (exp of the entropy; 1 =
+    one code for everything, the collapse that decodes every frame alike) and the share of the most
+    frequent code."""
+    perplexity, top = [], []
+    for h in np.asarray(hist, dtype=np.float64):
+        total = h.sum()
+        p = h[h > 0] / total if total else np.ones(1)
+        perplexity.append(float(np.exp(-(p * np.log(p)).sum())))
+        top.append(float(p.max()))
+    return {"perplexity": perplexity, "top_share": top}
+
+
+def require_codes_used(result: dict, min_perplexity: float) -> list[str]:
+    """Failures (empty if none) of the collapse check: every coarse level's code perplexity on the
+    eval clips at least ``min_perplexity`` (the coarse stage learns those levels)."""
+    counts = result["codec"]["level_counts"]  # e.g. {"1": 1, "coarse": 4, "all": 8} or {"1=coarse": 1, ...}
+    coarse = next((int(k) for n, k in counts.items() if "coarse" in n.split("=")), int(result["codec"]["levels"]))
+    u = result.get("code_usage") or {}
+    return [
+        f"level {q + 1}: code perplexity {p:.2f} < {min_perplexity:g} (the codebook collapsed: "
+        f"one code on {u['top_share'][q]:.0%} of frames)"
+        for q, p in enumerate((u.get("perplexity") or [])[:coarse])
+        if p < min_perplexity
+    ]
+
+
 def _fmt(v: Any, spec: str) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
@@ -420,6 +451,13 @@ def format_table(result: dict) -> str:
         )
     t = result.get("tempo") or {}
     lines.append("")
+    u = result.get("code_usage")
+    if u:
+        lines.append(
+            f"Codes used on these clips (perplexity per level, of {c['codebook_size']}): "
+            + " / ".join(f"{p:.1f}" for p in u["perplexity"])
+            + f"; the most frequent code per level covers {' / '.join(f'{x:.0%}' for x in u['top_share'])} of frames."
+        )
     if t.get("clips_with_bpm"):
         lines.append(
             f"Tempo: estimate_tempo within {t['tolerance']:.0%} of the bpm tag (octave errors are misses); "
@@ -522,6 +560,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="exit 1 unless the codec (all levels) has a lower log-mel L1, overall and below 150 Hz, than "
         "SYSTEM: 'encodec' (the bitrate-matched EnCodec row) or a row name such as lowpass_4khz",
     )
+    p.add_argument(
+        "--min-perplexity",
+        type=float,
+        default=None,
+        metavar="P",
+        help="exit 1 unless the code perplexity of every coarse level on the eval clips is at least P "
+        "(catches a collapsed codebook, which can still beat a random codec's mel distance)",
+    )
     p.add_argument("--device", default="cpu")
     return p
 
@@ -542,14 +588,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(res["table"])
     if res.get("files"):
         print("\nwritten: " + ", ".join(res["files"].values()))
+    failures = []
     if args.require_below:
-        failures = require_below(res, args.require_below)
-        for f in failures:
-            print(f"FAIL: {f}", file=sys.stderr)
-        if failures:
-            return 1
-        print(f"\ncodec below {args.require_below} on {', '.join(GATED_METRICS)}: ok")
-    return 0
+        failures += require_below(res, args.require_below)
+        if not failures:
+            print(f"\ncodec below {args.require_below} on {', '.join(GATED_METRICS)}: ok")
+    if args.min_perplexity is not None:
+        used = require_codes_used(res, args.min_perplexity)
+        failures += used
+        if not used:
+            print(f"codes used: every coarse level's perplexity >= {args.min_perplexity:g}: ok")
+    for f in failures:
+        print(f"FAIL: {f}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:
