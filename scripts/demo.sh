@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: the whole pipeline on the embedded default (one machine, local Ray, DeepSpeed on CPU).
 #   DEMO_SCALE=small (200 clips, default) or full (1,000 clips: the first user's corpus size)
-#   DEMO_MINUTES=N   wall-clock budget per trained model (default 3; train.max_minutes)
+#   DEMO_MINUTES=N   wall-clock training budget of every model (train.max_minutes; default: 3 for
+#                    MuLaN and the codec, side by side, and 2.5 for each stage LM, so that the whole
+#                    demo fits 20 minutes on 2 cores); DEMO_STAGE_MINUTES=N sets the stage LMs' alone
 #   DEMO_GEN_SECONDS=N  seconds generated per held-out caption at the end (default 5)
 #   DEMO_EVAL_CAPTIONS=N held-out captions generated and evaluated at the end (default 8)
 # Every step is resumable: rerunning skips finished shards and resumes training from checkpoints.
@@ -16,6 +18,7 @@ case "${DEMO_SCALE:-small}" in
   *) echo "DEMO_SCALE must be small or full, got '${DEMO_SCALE}'" >&2; exit 2 ;;
 esac
 MINUTES=${DEMO_MINUTES:-3}
+STAGE_MINUTES=${DEMO_STAGE_MINUTES:-${DEMO_MINUTES:-2.5}}
 DATA=data/rapbeats
 MODELS=models/demo
 TOK=launch/configs/demo/tokenizers.yaml
@@ -28,11 +31,11 @@ mkdir -p runs/demo && : > "$TIMES"
 CURRENT="" T0=0
 close_step() { [ -z "$CURRENT" ] || printf '%s\t%d\n' "${CURRENT%%:*}" $((SECONDS - T0)) >> "$TIMES"; }
 step() { close_step; CURRENT="$*" T0=$SECONDS; printf '\n=== [%4ds] %s\n' "$SECONDS" "$*"; }
-train() {  # train STAGE CONFIG NPROC RUN_DIR [ARGS...]: the real deepspeed launcher
-  local stage=$1 config=$2 nproc=$3 run_dir=$4; shift 4
+train() {  # train STAGE CONFIG NPROC RUN_DIR MINUTES [ARGS...]: the real deepspeed launcher
+  local stage=$1 config=$2 nproc=$3 run_dir=$4 minutes=$5; shift 5
   deepspeed --num_gpus "$nproc" --master_port $((29500 + RANDOM % 1000)) launch/train.py \
     --stage "$stage" --config "$config" --deepspeed_config deepspeed_configs/cpu.json \
-    --run_dir "$run_dir" --resume auto --set train.max_minutes="$MINUTES" "$@"
+    --run_dir "$run_dir" --resume auto --set train.max_minutes="$minutes" "$@"
 }
 
 step "1. demo corpus: $CLIPS synthetic rap instrumentals (10 s, 24 kHz) -> $DATA"
@@ -51,9 +54,9 @@ python ray_jobs/pack_audio.py --manifest "$DATA/manifest.jsonl" --config "$TOK" 
 step "3. MuLaN and the SoundStream codec, side by side on the audio shards (deepspeed, ${MINUTES} min budget each)"
 # one process each (OMP_NUM_THREADS=1): on two cores the two models train at the same time
 mkdir -p runs/demo/codec
-train codec launch/configs/codec.yaml 1 runs/demo/codec > runs/demo/codec/train.log 2>&1 &
+train codec launch/configs/codec.yaml 1 runs/demo/codec "$MINUTES" > runs/demo/codec/train.log 2>&1 &
 CODEC_PID=$!
-train mulan launch/configs/mulan.yaml 1 runs/demo/mulan
+train mulan launch/configs/mulan.yaml 1 runs/demo/mulan "$MINUTES"
 if ! wait "$CODEC_PID"; then
   tail -n 30 runs/demo/codec/train.log >&2; echo "codec training failed: runs/demo/codec/train.log" >&2; exit 1
 fi
@@ -88,7 +91,7 @@ python ray_jobs/tokenize.py --manifest "$DATA/manifest.jsonl" --config "$TOK" --
 TOKENS=$(ls -td shards/rapbeats/tokens-*/ | head -n 1); TOKENS=${TOKENS%/}  # the newest: this run's tokenizers
 musiclm shards verify "$TOKENS" | head -n 30
 
-step "6. stage transformers: semantic, coarse, fine (deepspeed, 2 processes, ${MINUTES} min each)"
+step "6. stage transformers: semantic, coarse, fine (deepspeed, 2 processes, ${STAGE_MINUTES} min each)"
 # the token layout the shards' tokenizers fix (e.g. the conditioning vocabulary is the fitted
 # quantizer's: codebook_size: auto in $TOK)
 read -r -a LAYOUT <<< "$(musiclm shards layout "$TOKENS" --as-set)"
@@ -97,7 +100,7 @@ echo "token layout of $TOKENS: ${LAYOUT[*]}"
 # resuming checkpoints trained on other tokens (the engine refuses that)
 RUNS=runs/demo/$(basename "$TOKENS")
 for stage in semantic coarse fine; do
-  train "$stage" "launch/configs/$stage.yaml" 2 "$RUNS/$stage" --shards "$TOKENS" --set "${LAYOUT[@]}"
+  train "$stage" "launch/configs/$stage.yaml" 2 "$RUNS/$stage" "$STAGE_MINUTES" --shards "$TOKENS" --set "${LAYOUT[@]}"
   echo "loss curves: $RUNS/$stage/loss.png"
 done
 
