@@ -80,15 +80,21 @@ def forwarded_env() -> dict:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
-def worker_plan(args, ray_info: dict) -> dict:
-    """Actor pool size and resources: one actor per GPU when the cluster has GPUs, else actors
-    sized so that the pool leaves room for the decode and write tasks (no deadlock)."""
-    cpus, gpus = ray_info["cpus"], ray_info["gpus"]
-    use_gpu = args.device != "cpu" and gpus > 0 and args.gpus_per_worker != 0
-    if args.device == "cuda" and gpus == 0:
+def uses_gpus(args, ray_info: dict) -> bool:
+    """Whether the model actors get GPUs: the cluster has some and ``--device`` / ``--gpus-per-worker``
+    do not say otherwise."""
+    if args.device == "cuda" and ray_info["gpus"] == 0:
         raise SystemExit("--device cuda but the Ray cluster has no GPU")
-    reserve = 2 * args.task_cpus
-    if use_gpu:
+    return args.device != "cpu" and ray_info["gpus"] > 0 and args.gpus_per_worker != 0
+
+
+def worker_plan(args, ray_info: dict, task_slots: int = 2) -> dict:
+    """Actor pool size and resources: one actor per GPU when the cluster has GPUs, else actors
+    sized so that the pool leaves room for ``task_slots`` CPU tasks of ``--task-cpus`` each (the
+    decode and write tasks of a split pipeline: no deadlock; 0 when the actors do all the work)."""
+    cpus, gpus = ray_info["cpus"], ray_info["gpus"]
+    reserve = task_slots * args.task_cpus
+    if uses_gpus(args, ray_info):
         gpus_per = args.gpus_per_worker or 1.0
         workers = args.workers or max(1, int(gpus // gpus_per))
         cpus_per = args.cpus_per_worker or 1.0

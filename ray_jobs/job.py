@@ -3,7 +3,8 @@
 Parse the common arguments (+ the job's own), set up logging, load the YAML config (``base:``
 files, ``--set`` overrides), let the job work out what to compute (``setup``), plan groups of clips
 (resuming a shard job's folder), start or join Ray, stream the groups through decode -> the job's
-own stages (``stages``) with progress lines, then let the job write its outputs (``complete``)
+own stages (``stages``; a job whose ``decodes_itself`` says so gets None and reads
+``job.pending`` itself) with progress lines, then let the job write its outputs (``complete``)
 and print the one-line JSON summary it returns.
 """
 
@@ -48,6 +49,9 @@ class Job:
     out_dir: str | None = None  # shard jobs: the shard folder (its _groups/ holds the resume state)
     describe: str = ""  # fitting jobs: what is computed, for the first log line
     data: dict = field(default_factory=dict)  # anything else the job's callbacks share
+    # Called once Ray is up: True when the job's own stages decode the groups (tokenize's fused
+    # pipeline), so run_job adds no decode tasks and the worker plan reserves no CPUs for them.
+    decodes_itself: Callable[[Job], bool] | None = None
     # set by run_job()
     groups: list = field(default_factory=list)
     plan_errors: list = field(default_factory=list)
@@ -56,6 +60,7 @@ class Job:
     lock: JobLock | None = None
     pending: list = field(default_factory=list)
     ray_info: dict = field(default_factory=lambda: {"mode": "none"})
+    fused: bool = False  # decodes_itself() said so: ``stages`` gets None and reads ``pending``
     progress: Progress | None = None
     group_delay: float = 0.0
     records: list[dict] = field(default_factory=list)  # fitting jobs: one per group
@@ -65,8 +70,17 @@ class Job:
     def worker_plan(self) -> dict:
         """Actor pool size and resources (computed once, after Ray started)."""
         if self._wp is None:
-            self._wp = worker_plan(self.args, self.ray_info)
+            self._wp = worker_plan(self.args, self.ray_info, task_slots=0 if self.fused else 2)
         return self._wp
+
+    def decode_kwargs(self) -> dict:
+        """What :func:`ray_jobs.stages.decode_group` / ``decode_clips`` take besides the group."""
+        return dict(
+            sample_rate=self.sample_rate,
+            segment_seconds=self.segment_seconds,
+            grid_seconds=self.grid_seconds,
+            min_seconds=self.min_seconds,
+        )
 
     def fit_summary(self, out: str) -> dict:
         """A fitting job's end: failed clips into ``<out>.errors.jsonl``, then its summary."""
@@ -137,16 +151,12 @@ def run_job(
         if job.pending or not job.shard_job:  # a fitting job always runs (an empty plan fails in complete)
             job.ray_info = init_ray(args)
             job.progress = Progress(name, len(job.pending), sum(len(g.clips) for g in job.pending))
-            ds = groups_dataset(job.pending).map(
-                decode_group,
-                num_cpus=args.task_cpus,
-                fn_kwargs=dict(
-                    sample_rate=job.sample_rate,
-                    segment_seconds=job.segment_seconds,
-                    grid_seconds=job.grid_seconds,
-                    min_seconds=job.min_seconds,
-                ),
-            )
+            job.fused = bool(job.decodes_itself and job.decodes_itself(job))
+            ds = None  # a job that decodes itself reads job.pending
+            if not job.fused:
+                ds = groups_dataset(job.pending).map(
+                    decode_group, num_cpus=args.task_cpus, fn_kwargs=job.decode_kwargs()
+                )
             ds = stages(job, ds)
             if job.shard_job:
                 run_pipeline(ds, job.progress)
@@ -188,8 +198,9 @@ def _disk_full(e: BaseException) -> str | None:
 
 
 def run_pipeline(ds, progress: Progress) -> None:
-    """Stream the final stage's rows ({"record": JSON}) and report progress."""
-    for row in ds.iter_rows():
+    """Stream the final stage's rows ({"record": JSON}: a Ray Dataset, or an iterable of rows) and
+    report progress."""
+    for row in ds.iter_rows() if hasattr(ds, "iter_rows") else ds:
         progress.update(json.loads(row["record"]))
     progress.stop()
 

@@ -16,10 +16,17 @@ on semantic + cond, the fine stage on acoustic + cond, the coarse stage needs ac
 and cond.
 
 Pipeline (Ray Data): one row per group of clips (sorted clip ids per split; one group = one
-shard) -> ``map`` decode + check + segment (CPU tasks) -> ``map_batches`` with an actor pool of
-:class:`TokenizeActor` (``concurrency`` = workers, ``num_gpus`` when the cluster has GPUs, batched
-inference inside the group) -> ``map`` write the group's shard + its record (CPU tasks). A rerun
-with the same arguments skips the groups whose record exists (exactly-once after a kill).
+shard), then (``--pipeline``):
+
+* ``split``: ``map`` decode + check + segment (CPU tasks) -> ``map_batches`` with an actor pool of
+  :class:`TokenizeActor` (``workers`` actors, ``num_gpus`` when the cluster has GPUs, batched
+  inference inside the group) -> ``map`` write the group's shard + its record (CPU tasks);
+* ``fused``: a pool of plain Ray actors (:class:`FusedTokenizeActor`, no Ray Data), each call one
+  group: decode, segment, tokenize, write the shard + its record, all in the actor;
+* ``auto`` (default): fused when the actors get no GPU, split when they do (:func:`choose_pipeline`).
+
+Both write a group's shard atomically and then its record, and a rerun with the same arguments
+skips the groups whose record exists (exactly-once after a kill).
 """
 
 from __future__ import annotations
@@ -39,11 +46,19 @@ import time  # noqa: E402
 from musiclm.data import segments as S  # noqa: E402
 from musiclm.data.shards.schema import ALL_STREAMS  # noqa: E402
 from musiclm.logs import get_logger  # noqa: E402
-from ray_jobs.cluster import resolve_device  # noqa: E402
+from ray_jobs.cluster import resolve_device, uses_gpus  # noqa: E402
 from ray_jobs.job import Job, run_job  # noqa: E402
 from ray_jobs.job_args import dataset_name, tokenizers_section  # noqa: E402
 from ray_jobs.output import finish, write_group  # noqa: E402
-from ray_jobs.stages import actor_stage, actor_stamp, pack_arrays, sample_json, unpack_arrays  # noqa: E402
+from ray_jobs.stages import (  # noqa: E402
+    actor_pool_rows,
+    actor_stage,
+    actor_stamp,
+    decode_clips,
+    pack_arrays,
+    sample_json,
+    unpack_arrays,
+)
 
 ENTRIES = ("acoustic.npy", "semantic.npy", "mulan.npy", "cond.npy")  # every stream (--streams: a subset)
 log = get_logger("ray_jobs.tokenize")
@@ -82,64 +97,106 @@ class TokenizeActor:
     def _tokenize(self, wavs: list) -> list[dict]:
         return self.bundle.tokenize(wavs, sample_rate=self.bundle.sample_rate, entries=list(self.entries))
 
-    def __call__(self, batch: dict) -> dict:
+    def tokenize_group(self, group: S.Group, audio: dict, meta: dict) -> tuple[dict, dict]:
+        """A decoded group's segments -> (token arrays keyed ``"<sample key>|<entry>"``, meta).
+
+        A batch that fails is retried one segment at a time: the clip whose segment fails goes to
+        the errors (``tokenize_failed``) with all its segments, the rest of the group is kept."""
         import torch
 
+        t0 = time.time()
+        segs = meta["segments"]
+        clips = {c["id"]: c for c in group.clips}
+        tokens: dict = {}
+        failed: dict[str, str] = {}
+        for i in range(0, len(segs), self.batch_size):
+            chunk = [s for s in segs[i : i + self.batch_size] if s["clip_id"] not in failed]
+            wavs = [torch.from_numpy(S.from_int16(audio[s["key"]])) for s in chunk]
+            try:
+                results = self._tokenize(wavs)
+            except Exception:
+                results = []
+                for s, w in zip(chunk, wavs):  # find the culprit, keep the rest
+                    try:
+                        results.append(self._tokenize([w])[0])
+                    except Exception as e:
+                        failed.setdefault(s["clip_id"], f"{type(e).__name__}: {e}")
+                        results.append(None)
+            for s, r in zip(chunk, results):
+                if r is not None:
+                    for name in self.entries:
+                        tokens[f"{s['key']}|{name}"] = r[name]
+        errors = meta["errors"] + [
+            S.error_record(clips[cid], "tokenize_failed", why, stage="tokenize") for cid, why in sorted(failed.items())
+        ]
+        meta = dict(
+            meta,
+            segments=[s for s in segs if s["clip_id"] not in failed],
+            errors=errors,
+            model_s=time.time() - t0,
+            actor=self.ready,
+        )
+        # a clip that failed on a later segment drops the tokens of its earlier ones too
+        tokens = {k: v for k, v in tokens.items() if S.parse_segment_key(k.split("|")[0])[0] not in failed}
+        return tokens, meta
+
+    def __call__(self, batch: dict) -> dict:
+        """Split pipeline: decoded groups (``audio`` npz, ``meta`` JSON) -> their tokens (npz)."""
         out = {"group": [], "tokens": [], "meta": []}
         for group_json, blob, meta_json in zip(batch["group"], batch["audio"], batch["meta"]):
-            t0 = time.time()
-            meta = json.loads(meta_json)
-            audio = unpack_arrays(blob)
-            segs = meta["segments"]
-            group = S.Group.from_json(group_json)
-            clips = {c["id"]: c for c in group.clips}
-            tokens: dict = {}
-            failed: dict[str, str] = {}
-            for i in range(0, len(segs), self.batch_size):
-                chunk = [s for s in segs[i : i + self.batch_size] if s["clip_id"] not in failed]
-                wavs = [torch.from_numpy(S.from_int16(audio[s["key"]])) for s in chunk]
-                try:
-                    results = self._tokenize(wavs)
-                except Exception:
-                    results = []
-                    for s, w in zip(chunk, wavs):  # find the culprit, keep the rest
-                        try:
-                            results.append(self._tokenize([w])[0])
-                        except Exception as e:
-                            failed.setdefault(s["clip_id"], f"{type(e).__name__}: {e}")
-                            results.append(None)
-                for s, r in zip(chunk, results):
-                    if r is not None:
-                        for name in self.entries:
-                            tokens[f"{s['key']}|{name}"] = r[name]
-            errors = meta["errors"] + [
-                S.error_record(clips[cid], "tokenize_failed", why, stage="tokenize")
-                for cid, why in sorted(failed.items())
-            ]
-            meta = dict(
-                meta,
-                segments=[s for s in segs if s["clip_id"] not in failed],
-                errors=errors,
-                model_s=time.time() - t0,
-                actor=self.ready,
+            tokens, meta = self.tokenize_group(
+                S.Group.from_json(group_json), unpack_arrays(blob), json.loads(meta_json)
             )
             out["group"].append(group_json)
-            out["tokens"].append(
-                pack_arrays({k: v for k, v in tokens.items() if k.split("|")[0].rsplit("__", 1)[0] not in failed})
-            )
+            out["tokens"].append(pack_arrays(tokens))
             out["meta"].append(json.dumps(meta))
         return out
 
 
-def write_tokens(row: dict, *, out_dir: str, delay: float = 0.0, streams: tuple[str, ...] | None = None) -> dict:
-    """Ray Data `map` (CPU task): the group's token samples (the entries of ``streams``, default
-    all) -> its shard and record."""
+class FusedTokenizeActor(TokenizeActor):
+    """Fused pipeline (CPU clusters): one call = one group, decoded, segmented, tokenized and written
+    (shard, then its record: the same protocol as :func:`write_tokens`) in this actor, so no audio
+    or tokens cross the object store and no decode / write task competes with the model for a core."""
+
+    def __init__(
+        self,
+        tok_cfg: dict,
+        device: str,
+        threads: int,
+        batch_size: int,
+        expected_hash: str,
+        entries: tuple[str, ...] = ENTRIES,
+        *,
+        decode: dict,
+        out_dir: str,
+        delay: float = 0.0,
+        streams: tuple[str, ...] | None = None,
+    ):
+        super().__init__(tok_cfg, device, threads, batch_size, expected_hash, entries)
+        self.decode, self.out_dir, self.delay, self.streams = dict(decode), out_dir, delay, streams
+
+    def run_group(self, group_json: str) -> dict:
+        """One group: decode, segment, tokenize, write its shard and then its record -> {"record"}."""
+        group = S.Group.from_json(group_json)
+        audio, meta = decode_clips(group, **self.decode)
+        tokens, meta = self.tokenize_group(group, audio, meta)
+        record = write_token_group(group, meta, tokens, out_dir=self.out_dir, delay=self.delay, streams=self.streams)
+        return {"record": json.dumps(record)}
+
+
+def write_token_group(
+    group: S.Group,
+    meta: dict,
+    arrays: dict,
+    *,
+    out_dir: str,
+    delay: float = 0.0,
+    streams: tuple[str, ...] | None = None,
+) -> dict:
+    """A group's token arrays (``"<sample key>|<entry>"``) -> its shard, then its record (returned)."""
     from musiclm.data.shards import parse_streams, stream_entries
 
     streams = parse_streams(streams)
-    group = S.Group.from_json(row["group"])
-    meta = json.loads(row["meta"])
-    arrays = unpack_arrays(row["tokens"])
     clips = {c["id"]: c for c in group.clips}
     sr = int(meta["sample_rate"])
     samples = []
@@ -153,8 +210,21 @@ def write_tokens(row: dict, *, out_dir: str, delay: float = 0.0, streams: tuple[
         "model_s": round(meta.get("model_s", 0.0), 4),
         "actor": meta.get("actor"),
     }
-    record = write_group(
+    return write_group(
         group, samples, meta["errors"], out_dir=out_dir, kind="tokens", timings=timings, delay=delay, streams=streams
+    )
+
+
+def write_tokens(row: dict, *, out_dir: str, delay: float = 0.0, streams: tuple[str, ...] | None = None) -> dict:
+    """Ray Data `map` (CPU task) of the split pipeline: the group's token samples (the entries of
+    ``streams``, default all) -> its shard and record."""
+    record = write_token_group(
+        S.Group.from_json(row["group"]),
+        json.loads(row["meta"]),
+        unpack_arrays(row["tokens"]),
+        out_dir=out_dir,
+        delay=delay,
+        streams=streams,
     )
     return {"record": json.dumps(record)}
 
@@ -192,7 +262,18 @@ def build_bundle(tok_cfg: dict, entries: tuple[str, ...] = ENTRIES):
     return bundle
 
 
+PIPELINES = ("auto", "fused", "split")
+
+
 def _add_arguments(p) -> None:
+    p.add_argument(
+        "--pipeline",
+        choices=PIPELINES,
+        default="auto",
+        help="fused: each actor call decodes, tokenizes and writes one group (no decode / write tasks); "
+        "split: decode tasks -> model actors -> write tasks, so CPUs decode and write while GPUs run "
+        "the model; auto: fused when the actors get no GPU, else split (measured: README section 4)",
+    )
     p.add_argument(
         "--streams",
         default=",".join(ALL_STREAMS),
@@ -235,6 +316,21 @@ def _setup(job: Job) -> None:
         "grid_seconds": job.grid_seconds,
     }
     job.data.update(tok_cfg=tok_cfg, fingerprints=fingerprints, rates=rates, streams=streams, entries=entries)
+    job.decodes_itself = choose_pipeline
+
+
+def choose_pipeline(job: Job) -> bool:
+    """``--pipeline`` -> True for the fused pipeline (called by run_job once Ray is up).
+
+    auto: fused when the model actors get no GPU. On CPUs the model and the decode / write tasks
+    share the cores, and the split pipeline's extra processes and object-store copies cost more
+    than its overlap gains (``musiclm bench tokenize``: README section 4); with GPUs the model runs
+    beside CPU tasks that decode and write, which only the split pipeline overlaps."""
+    mode = job.args.pipeline
+    if mode == "auto":
+        mode = "split" if uses_gpus(job.args, job.ray_info) else "fused"
+    job.data["pipeline"] = mode
+    return mode == "fused"
 
 
 def _stages(job: Job, ds):
@@ -244,26 +340,29 @@ def _stages(job: Job, ds):
     log.info(
         f"[tokenize] ray {ray_info['mode']} ({ray_info['cpus']:g} CPU, {ray_info['gpus']:g} GPU): "
         f"{wp['workers']} tokenizer worker(s) x {wp['cpus_per_worker']:g} CPU x {wp['gpus_per_worker']:g} GPU "
-        f"on {wp['device']}, batch {args.batch_size}"
+        f"on {wp['device']}, batch {args.batch_size}, {job.data['pipeline']} pipeline"
     )
-    ds = actor_stage(
-        ds,
-        TokenizeActor,
-        wp,
-        dict(
-            tok_cfg=job.data["tok_cfg"],
-            device=wp["device"],
-            threads=wp["threads"],
-            batch_size=args.batch_size,
-            expected_hash=fingerprint_hash(job.data["fingerprints"]),
-            entries=job.data["entries"],
-        ),
+    model = dict(
+        tok_cfg=job.data["tok_cfg"],
+        device=wp["device"],
+        threads=wp["threads"],
+        batch_size=args.batch_size,
+        expected_hash=fingerprint_hash(job.data["fingerprints"]),
+        entries=job.data["entries"],
     )
-    return ds.map(
-        write_tokens,
-        num_cpus=args.task_cpus,
-        fn_kwargs=dict(out_dir=job.out_dir, delay=job.group_delay, streams=job.data["streams"]),
-    )
+    write = dict(out_dir=job.out_dir, delay=job.group_delay, streams=job.data["streams"])
+    if job.fused:
+        # plain Ray actors fed by the driver, two groups queued per actor: the next group is at hand
+        # when one finishes, and the last groups are not stuck behind a long queue on one actor
+        return actor_pool_rows(
+            FusedTokenizeActor,
+            wp,
+            dict(model, decode=job.decode_kwargs(), **write),
+            [g.to_json() for g in job.pending],
+            method="run_group",
+        )
+    ds = actor_stage(ds, TokenizeActor, wp, model)
+    return ds.map(write_tokens, num_cpus=args.task_cpus, fn_kwargs=write)
 
 
 def _complete(job: Job) -> dict:
@@ -288,6 +387,7 @@ def _complete(job: Job) -> dict:
         t_start=job.t_start,
     )
     summary["streams"] = list(job.data["streams"])
+    summary["pipeline"] = job.data.get("pipeline")  # None: nothing was left to do
     return summary
 
 

@@ -342,28 +342,11 @@ def test_tokenize_job_submit_to_s3(env, moto_s3, moto_server):
     assert n == len(samples)
 
 
-@pytest.mark.slow
-def test_tokenize_kill_resume_and_new_tokenizers(env, tmp_path):
-    from musiclm.data import storage
-    from musiclm.data.shards import read_index
+def _kill_tokenize_midway(env, args: list[str], out: str) -> tuple[str, int]:
+    """Start `python <args>` (a tokenize driver of the module's head, each group slowed down by
+    1 s), SIGKILL it once at least 2 groups are recorded. Returns (shard folder, groups recorded)."""
     from musiclm.testing import GROUP_DELAY_ENV
 
-    out = str(tmp_path / "shards")
-    args = [
-        "ray_jobs/tokenize.py",
-        "--manifest",
-        env["manifest"],
-        "--out",
-        out,
-        "--dataset",
-        "toy",
-        "--config",
-        env["config"],
-        "--clips-per-shard",
-        "1",
-        "--workers",
-        "1",
-    ]
     proc = subprocess.Popen(
         [sys.executable, *args],
         cwd=REPO,
@@ -389,9 +372,35 @@ def test_tokenize_kill_resume_and_new_tokenizers(env, tmp_path):
             proc.kill()
         proc.wait()
         proc.stdout.close()
-    directory = str(groups_dir.parent)
     done_before = len([p for p in groups_dir.glob("*.json") if p.name != "plan.json"])
     assert 2 <= done_before < 12 and not (groups_dir.parent / "index.json").exists()
+    return str(groups_dir.parent), done_before
+
+
+@pytest.mark.slow
+def test_tokenize_kill_resume_and_new_tokenizers(env, tmp_path):
+    from musiclm.data import storage
+    from musiclm.data.shards import read_index
+
+    out = str(tmp_path / "shards")
+    args = [
+        "ray_jobs/tokenize.py",
+        "--manifest",
+        env["manifest"],
+        "--out",
+        out,
+        "--dataset",
+        "toy",
+        "--config",
+        env["config"],
+        "--clips-per-shard",
+        "1",
+        "--workers",
+        "1",
+        "--pipeline",
+        "split",
+    ]
+    directory, done_before = _kill_tokenize_midway(env, args, out)
 
     summary = _driver(env, "tokenize.py", *args[1:])  # same arguments: resume
     assert summary["out_dir"] == directory
@@ -454,6 +463,44 @@ def test_tokenize_kill_resume_and_new_tokenizers(env, tmp_path):
     assert read_index(other["out_dir"])["fingerprints"]["acoustic"]["levels"] == 4
     samples = _check_exactly_once(other["out_dir"], env["manifest"], "tokens")
     assert len(samples) == summary["segments"]
+
+
+@pytest.mark.slow
+def test_tokenize_fused_kill_resume(env, tmp_path):
+    """The fused pipeline (decode, tokenize and write a group in one actor call; what `auto` picks
+    on this CPU-only head), two actors: SIGKILLed midway and rerun, every clip ends up exactly
+    once, in a shard or in errors.jsonl, and the shards equal the split pipeline's."""
+    out = str(tmp_path / "shards")
+    args = [
+        "ray_jobs/tokenize.py",
+        "--manifest",
+        env["manifest"],
+        "--out",
+        out,
+        "--dataset",
+        "toy",
+        "--config",
+        env["config"],
+        "--clips-per-shard",
+        "1",
+        "--workers",
+        "2",
+    ]
+    directory, done_before = _kill_tokenize_midway(env, args, out)
+
+    summary = _driver(env, "tokenize.py", *args[1:])  # same arguments: resume
+    assert summary["pipeline"] == "fused" and summary["workers"] == 2
+    assert summary["out_dir"] == directory
+    assert summary["groups"] == 12 and summary["groups_this_run"] <= 12 - done_before + 2  # two actors
+    fused = _check_exactly_once(directory, env["manifest"], "tokens")
+    assert summary["clips_ok"] == 8 and summary["clips_failed"] == 4
+
+    split = _driver(env, "tokenize.py", *args[1:], "--out", str(tmp_path / "split"), "--pipeline", "split")
+    assert split["pipeline"] == "split" and split["segments"] == summary["segments"]
+    assert sorted((k, json.dumps(j, sort_keys=True)) for k, j, _ in fused) == sorted(
+        (k, json.dumps(j, sort_keys=True))
+        for k, j, _ in _check_exactly_once(split["out_dir"], env["manifest"], "tokens")
+    )
 
 
 def test_disk_full_names_the_output_folder():
