@@ -715,10 +715,6 @@ def model_card(doc: dict, metas: dict[str, dict], run_dirs: dict[str, str | None
 # ---------------------------------------------------------------------------------------------- load
 
 
-def _cache_root() -> str:
-    return os.environ.get("MUSICLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "musiclm")
-
-
 def _local_copy(url: str) -> str:
     """A local copy of a remote package (reused while its package.json is unchanged)."""
     try:
@@ -726,7 +722,7 @@ def _local_copy(url: str) -> str:
     except FileNotFoundError as err:
         raise FileNotFoundError(f"not a musiclm package: {storage.join(url, PACKAGE_FILE)} is missing") from err
     key = hashlib.sha256(url.rstrip("/").encode() + b"\0" + head).hexdigest()[:20]
-    dest = os.path.join(_cache_root(), "packages", key)
+    dest = os.path.join(storage.cache_root(), "packages", key)
     if os.path.isfile(os.path.join(dest, PACKAGE_FILE)):
         return dest
     os.makedirs(os.path.dirname(dest), exist_ok=True)
