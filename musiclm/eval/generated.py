@@ -221,10 +221,15 @@ def _worker_init(model_dir: str, threads: int) -> None:
     _WORKER_MODEL = MusicLM.from_pretrained(model_dir)
 
 
-def _worker_run(task: tuple) -> tuple:
+def _run_task(model, task: tuple) -> tuple:
+    """("item" | "uncond", key, args) -> (kind, key, its result) with ``model``."""
     kind, key, args = task
     fn = _generate_item if kind == "item" else _generate_unconditional
-    return kind, key, fn(_WORKER_MODEL, *args)
+    return kind, key, fn(model, *args)
+
+
+def _worker_run(task: tuple) -> tuple:
+    return _run_task(_WORKER_MODEL, task)
 
 
 def generate_eval_set(
@@ -330,9 +335,8 @@ def generate_eval_set(
             for fut in as_completed([pool.submit(_worker_run, t) for t in tasks]):
                 collect(*fut.result())
     else:
-        for kind, key, args in tasks:
-            fn = _generate_item if kind == "item" else _generate_unconditional
-            collect(kind, key, fn(model, *args))
+        for task in tasks:
+            collect(*_run_task(model, task))
     if uncond_parts:
         parts = [uncond_parts[a] for a in sorted(uncond_parts)]
         index["unconditional"] = {
