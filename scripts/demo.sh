@@ -6,6 +6,7 @@
 #                    demo fits 20 minutes on 2 cores); DEMO_STAGE_MINUTES=N sets the stage LMs' alone
 #   DEMO_GEN_SECONDS=N  seconds generated per held-out caption at the end (default 5)
 #   DEMO_EVAL_CAPTIONS=N held-out captions generated and evaluated at the end (default 8)
+#   DEMO_UNTIL=N     stop after step N (e.g. 3: the trained MuLaN and codec); rerun to go on
 # Every step is resumable: rerunning skips finished shards and resumes training from checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +14,11 @@ export PATH="$PWD/.venv/bin:$PATH"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 
 case "${DEMO_SCALE:-small}" in
-  small) CLIPS=200 ;;
-  full)  CLIPS=1000 ;;
+  # CODEC_STEPS: the codec's cosine horizon (train.max_steps). At 1,000 clips the budget is set so
+  # that MuLaN (300 steps, launch/configs/mulan.yaml) and the codec stop at their step caps, not
+  # at the wall clock: a rerun then resumes instead of training another budget on top
+  small) CLIPS=200 CODEC_STEPS=1000 ;;
+  full)  CLIPS=1000 CODEC_STEPS=2800 ;;
   *) echo "DEMO_SCALE must be small or full, got '${DEMO_SCALE}'" >&2; exit 2 ;;
 esac
 MINUTES=${DEMO_MINUTES:-3}
@@ -30,7 +34,13 @@ TIMES=runs/demo/timings.tsv  # wall time of every step, for the table at the end
 mkdir -p runs/demo && : > "$TIMES"
 CURRENT="" T0=0
 close_step() { [ -z "$CURRENT" ] || printf '%s\t%d\n' "${CURRENT%%:*}" $((SECONDS - T0)) >> "$TIMES"; }
-step() { close_step; CURRENT="$*" T0=$SECONDS; printf '\n=== [%4ds] %s\n' "$SECONDS" "$*"; }
+step() {
+  close_step
+  if [ -n "${DEMO_UNTIL:-}" ] && [ -n "$CURRENT" ] && [ "${CURRENT%%.*}" -ge "$DEMO_UNTIL" ]; then
+    printf '\n=== [%4ds] stopped after step %s (DEMO_UNTIL); rerun without it to go on\n' "$SECONDS" "$DEMO_UNTIL"
+    exit 0
+  fi
+  CURRENT="$*" T0=$SECONDS; printf '\n=== [%4ds] %s\n' "$SECONDS" "$*"; }
 train() {  # train STAGE CONFIG NPROC RUN_DIR MINUTES [ARGS...]: the real deepspeed launcher
   local stage=$1 config=$2 nproc=$3 run_dir=$4 minutes=$5; shift 5
   deepspeed --num_gpus "$nproc" --master_port $((29500 + RANDOM % 1000)) launch/train.py \
@@ -54,7 +64,7 @@ python ray_jobs/pack_audio.py --manifest "$DATA/manifest.jsonl" --config "$TOK" 
 step "3. MuLaN and the SoundStream codec, side by side on the audio shards (deepspeed, ${MINUTES} min budget each)"
 # one process each (OMP_NUM_THREADS=1): on two cores the two models train at the same time
 mkdir -p runs/demo/codec
-train codec launch/configs/codec.yaml 1 runs/demo/codec "$MINUTES" > runs/demo/codec/train.log 2>&1 &
+train codec launch/configs/codec.yaml 1 runs/demo/codec "$MINUTES" --set train.max_steps="$CODEC_STEPS" > runs/demo/codec/train.log 2>&1 &
 CODEC_PID=$!
 train mulan launch/configs/mulan.yaml 1 runs/demo/mulan "$MINUTES"
 if ! wait "$CODEC_PID"; then
