@@ -8,6 +8,14 @@ Config section (``tokenizers:`` in the YAML configs)::
       kmeans: path/to/centroids.safetensors       # written by ray_jobs/fit_kmeans.py
     mulan:     {type: clap, model: laion/clap-htsat-unfused}
     quantizer: path/to/quantizer_dir              # or {path: ..., levels: 8, codebook_size: 1024}
+                                                  # source: audio (default) | text, see below
+
+``quantizer.source`` picks what ``cond.npy`` quantizes: ``audio`` (the paper: the MuLaN audio
+embedding of the segment, so training needs no captions) or ``text`` (the MuLaN text embedding of
+the clip's caption: what generation quantizes, so the stage LMs train on the same kind of tokens they
+get at inference; text and audio embeddings of one clip share few tokens -- ``musiclm eval
+retrieval --quantizer`` measures it). ``text`` needs a caption for every clip and is part of the
+quantizer fingerprint; ``mulan.npy`` stays the audio embedding either way.
 
 Model entries are hub ids or directories; relative paths resolve against ``base_dir`` (the bundle
 directory when loading a saved bundle). Everything loads lazily. Parts that are not fitted yet (no
@@ -56,6 +64,7 @@ __all__ = [
 
 BUNDLE_FILE = "tokenizers.json"
 ENTRIES = ("acoustic.npy", "semantic.npy", "mulan.npy", "cond.npy")
+COND_SOURCES = ("audio", "text")
 
 
 class BundleMismatch(RuntimeError):
@@ -124,6 +133,14 @@ class TokenizerBundle:
                 out.append("cond.npy")
         return out
 
+    @property
+    def cond_source(self) -> str:
+        """What ``cond.npy`` quantizes: ``"audio"`` (default) or ``"text"`` (the caption's embedding)."""
+        src = _quantizer_section(self.config.get("quantizer")).get("source", "audio")
+        if src not in COND_SOURCES:
+            raise ValueError(f"tokenizers.quantizer.source must be one of {COND_SOURCES}, got {src!r}")
+        return src
+
     def frame_rates(self) -> dict:
         out = {}
         if self.acoustic is not None:
@@ -165,6 +182,8 @@ class TokenizerBundle:
             out["mulan"] = self.embedder.fingerprint()
         if self.quantizer is not None:
             out["quantizer"] = self.quantizer.fingerprint()
+            if self.cond_source != "audio":  # audio-sourced fingerprints stay as they always were
+                out["quantizer"]["source"] = self.cond_source
         return out
 
     # ------------------------------------------------------------------ tokenization
@@ -174,6 +193,7 @@ class TokenizerBundle:
         wav: torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray],
         sample_rate: int | None = None,
         entries: Sequence[str] | None = None,
+        captions: Sequence[str] | None = None,
     ) -> list[dict[str, np.ndarray]]:
         """Token-shard entries per clip.
 
@@ -184,6 +204,8 @@ class TokenizerBundle:
                 its own rate via ``torchaudio.functional.resample``.
             entries: subset of ``acoustic.npy``, ``semantic.npy``, ``mulan.npy``, ``cond.npy``;
                 default: all this bundle can produce (:meth:`available`).
+            captions: one caption per clip; needed for ``cond.npy`` when ``quantizer.source`` is
+                ``text`` (:attr:`cond_source`).
 
         Returns one dict per clip (input order) with numpy arrays: ``acoustic.npy`` int16
         ``[Q, T // hop]``, ``semantic.npy`` int16 ``[T_s]`` (``T_s = seconds * rate``),
@@ -199,18 +221,29 @@ class TokenizerBundle:
             clips = [as_batch(w)[0] for w in wav]
         else:
             clips = list(as_batch(wav))
+        text_cond = "cond.npy" in wanted and self.cond_source == "text"
+        if text_cond:
+            bad = [i for i, c in enumerate(captions or []) if not isinstance(c, str) or not c.strip()]
+            if captions is None or len(captions) != len(clips) or bad:
+                raise ValueError(
+                    f"quantizer.source: text quantizes each clip's caption: got "
+                    f"{'no captions' if captions is None else f'{len(captions)} captions'} for {len(clips)} clips"
+                    + (f", empty at positions {bad[:5]}" if bad else "")
+                )
         results: list[dict | None] = [None] * len(clips)
         groups: dict[int, list[int]] = {}
         for i, c in enumerate(clips):
             groups.setdefault(int(c.shape[-1]), []).append(i)
         for _, idx in groups.items():
             batch = torch.stack([clips[i] for i in idx]).float()
-            out = self._tokenize_batch(batch, sr, wanted)
+            out = self._tokenize_batch(batch, sr, wanted, [captions[i] for i in idx] if text_cond else None)
             for j, i in enumerate(idx):
                 results[i] = {k: v[j] for k, v in out.items()}
         return results  # type: ignore[return-value]
 
-    def _tokenize_batch(self, wav: torch.Tensor, sr: int, wanted: Sequence[str]) -> dict[str, np.ndarray]:
+    def _tokenize_batch(
+        self, wav: torch.Tensor, sr: int, wanted: Sequence[str], captions: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         if "acoustic.npy" in wanted:
             x = resample(wav, sr, self.acoustic.sample_rate)
@@ -227,6 +260,8 @@ class TokenizerBundle:
             if "mulan.npy" in wanted:
                 out["mulan.npy"] = emb16.numpy()
             if "cond.npy" in wanted:
+                if captions is not None:  # quantizer.source: text
+                    emb16 = self.embedder.embed_text(list(captions)).float().cpu().to(torch.float16)
                 codes = self.quantizer.encode(emb16.float())
                 out["cond.npy"] = codes.cpu().numpy().astype(np.int16)
         return out

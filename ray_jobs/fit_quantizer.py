@@ -1,4 +1,4 @@
-"""Fit the MuLaN conditioning-token quantizer (MuLaNEmbedQuantizer) on MuLaN audio embeddings of the corpus.
+"""Fit the MuLaN conditioning-token quantizer (MuLaNEmbedQuantizer) on MuLaN embeddings of the corpus.
 
     python ray_jobs/fit_quantizer.py --manifest data/rapbeats/manifest.jsonl --config launch/configs/tokenizers.yaml
     ray job submit --working-dir . -- python ray_jobs/fit_quantizer.py --manifest M --config C --out /shared/quantizer
@@ -8,6 +8,8 @@ quantizer sees the embeddings ``tokenize.py`` will quantize) in CPU tasks; an ac
 configured embedder (``tokenizers.mulan``: CLAP or our MuLaN) computes one L2-normalised embedding
 per segment (mean over MuLaN windows); the driver fits the residual VQ of every namespace and
 saves the quantizer directory (default: the ``tokenizers.quantizer`` path of the config).
+With ``tokenizers.quantizer.source: text`` the embeddings are those of the segments' captions
+(what ``tokenize.py`` then quantizes, :mod:`musiclm.tokenizers`).
 Failed clips are skipped and listed in ``<out>.errors.jsonl``.
 """
 
@@ -38,9 +40,10 @@ log = get_logger("ray_jobs.fit_quantizer")
 
 
 class EmbedActor:
-    """MuLaN embedder replica: group of segments -> embeddings [N, D] (one per segment)."""
+    """MuLaN embedder replica: group of segments -> embeddings [N, D] (one per segment): of the
+    audio, or of the clip's caption when ``source`` is ``"text"``."""
 
-    def __init__(self, mulan_cfg: dict, device: str, threads: int, batch_size: int):
+    def __init__(self, mulan_cfg: dict, device: str, threads: int, batch_size: int, source: str = "audio"):
         import torch
 
         from musiclm.mulan import build_embedder
@@ -48,6 +51,7 @@ class EmbedActor:
         torch.set_num_threads(threads)
         self.embedder = build_embedder(mulan_cfg, device=resolve_device(device))
         self.batch_size = max(1, batch_size)
+        self.source = source
         self.ready = actor_stamp()
 
     def __call__(self, batch: dict) -> dict:
@@ -60,7 +64,11 @@ class EmbedActor:
             got: list[tuple[str, np.ndarray, float]] = []
             for chunk, wav in segment_batches(meta["segments"], audio, self.batch_size):
                 try:
-                    emb = self.embedder.embed_audio(wav).float().numpy()  # [B, D]
+                    if self.source == "text":
+                        emb = self.embedder.embed_text([clips[s["clip_id"]]["caption"] for s in chunk])
+                    else:
+                        emb = self.embedder.embed_audio(wav)
+                    emb = emb.float().numpy()  # [B, D]
                 except Exception as e:
                     for s in chunk:
                         errors.append(
@@ -93,6 +101,7 @@ def _add_arguments(p) -> None:
 
 def _setup(job: Job) -> None:
     from musiclm.mulan import build_embedder
+    from musiclm.tokenizers import build_tokenizers
 
     args, cfg = job.args, job.cfg
     tok = tokenizers_section(cfg)
@@ -108,8 +117,9 @@ def _setup(job: Job) -> None:
     job.segment_seconds = float(args.segment_seconds or cfg.get("segment_seconds") or 10.0)
     mulan_cfg = dict(tok["mulan"])
     job.sample_rate = int(build_embedder(mulan_cfg).sample_rate)
-    job.describe = f"embedder {mulan_cfg.get('type', 'clap')} at {job.sample_rate} Hz -> {out}"
-    job.data.update(out=out, quantizer_cfg=q, mulan_cfg=mulan_cfg)
+    source = build_tokenizers({"quantizer": q}).cond_source  # validated: audio | text
+    job.describe = f"embedder {mulan_cfg.get('type', 'clap')} at {job.sample_rate} Hz, {source} embeddings -> {out}"
+    job.data.update(out=out, quantizer_cfg=q, mulan_cfg=mulan_cfg, source=source)
 
 
 def _stages(job: Job, ds):
@@ -119,7 +129,11 @@ def _stages(job: Job, ds):
         EmbedActor,
         wp,
         dict(
-            mulan_cfg=job.data["mulan_cfg"], device=wp["device"], threads=wp["threads"], batch_size=job.args.batch_size
+            mulan_cfg=job.data["mulan_cfg"],
+            device=wp["device"],
+            threads=wp["threads"],
+            batch_size=job.args.batch_size,
+            source=job.data["source"],
         ),
     )
 
@@ -147,6 +161,7 @@ def _complete(job: Job) -> dict:
     cos = quant.reconstruction_cosine(x[: min(len(x), 2048)])
     summary.update(
         embeddings=int(len(x)),
+        source=job.data["source"],
         dim=int(x.shape[1]),
         fit_s=round(fit_s, 3),
         levels=int(quant.levels),

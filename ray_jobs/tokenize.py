@@ -94,8 +94,10 @@ class TokenizeActor:
         self.entries = tuple(entries)
         self.ready = actor_stamp()
 
-    def _tokenize(self, wavs: list) -> list[dict]:
-        return self.bundle.tokenize(wavs, sample_rate=self.bundle.sample_rate, entries=list(self.entries))
+    def _tokenize(self, wavs: list, captions: list) -> list[dict]:
+        return self.bundle.tokenize(
+            wavs, sample_rate=self.bundle.sample_rate, entries=list(self.entries), captions=captions
+        )
 
     def tokenize_group(self, group: S.Group, audio: dict, meta: dict) -> tuple[dict, dict]:
         """A decoded group's segments -> (token arrays keyed ``"<sample key>|<entry>"``, meta).
@@ -112,13 +114,14 @@ class TokenizeActor:
         for i in range(0, len(segs), self.batch_size):
             chunk = [s for s in segs[i : i + self.batch_size] if s["clip_id"] not in failed]
             wavs = [torch.from_numpy(S.from_int16(audio[s["key"]])) for s in chunk]
+            captions = [clips[s["clip_id"]].get("caption") for s in chunk]  # quantizer.source: text
             try:
-                results = self._tokenize(wavs)
+                results = self._tokenize(wavs, captions)
             except Exception:
                 results = []
-                for s, w in zip(chunk, wavs):  # find the culprit, keep the rest
+                for s, w, c in zip(chunk, wavs, captions):  # find the culprit, keep the rest
                     try:
-                        results.append(self._tokenize([w])[0])
+                        results.append(self._tokenize([w], [c])[0])
                     except Exception as e:
                         failed.setdefault(s["clip_id"], f"{type(e).__name__}: {e}")
                         results.append(None)

@@ -503,6 +503,43 @@ def test_tokenize_fused_kill_resume(env, tmp_path):
     )
 
 
+def test_text_sourced_conditioning_jobs(env, tmp_path):
+    """quantizer.source: text end to end: fit_quantizer fits on the captions' MuLaN text embeddings
+    and tokenize.py writes cond.npy = quantized caption embedding (mulan.npy: still the audio's), in
+    a folder of its own (the source is part of the fingerprint)."""
+    import torch
+    import yaml
+
+    from musiclm.data import storage
+    from musiclm.data.shards import shard_reader
+    from musiclm.tokenizers import build_tokenizers
+
+    cfg = yaml.safe_load(open(env["config"]))
+    cfg["tokenizers"]["quantizer"] = {"path": str(tmp_path / "quant_text"), "codebook_size": "auto", "source": "text"}
+    config = str(tmp_path / "tok_text.yaml")
+    (tmp_path / "tok_text.yaml").write_text(yaml.safe_dump(cfg))
+    fit = _driver(env, "fit_quantizer.py", "--manifest", env["manifest"], "--config", config, "--workers", "1")
+    assert fit["source"] == "text" and fit["embeddings"] == fit["segments"] > 8
+    out = str(tmp_path / "shards")
+    summary = _driver(
+        env, "tokenize.py", "--manifest", env["manifest"], "--out", out, "--dataset", "toy", "--config", config
+    )
+    assert summary["clips_ok"] == 8
+    bundle = build_tokenizers(cfg["tokenizers"])
+    samples = list(shard_reader(summary["out_dir"], "train", shuffle=0, rank=0, world_size=1))
+    samples += list(shard_reader(summary["out_dir"], "eval", shuffle=0, rank=0, world_size=1))
+    assert len(samples) == summary["segments"]
+    with torch.inference_mode():
+        text = bundle.embedder.embed_text([s["json"]["caption"] for s in samples]).float().to(torch.float16).float()
+    got, want = np.stack([s["cond.npy"] for s in samples]), bundle.quantizer.encode(text).numpy()
+    audio = bundle.quantizer.encode(torch.as_tensor(np.stack([s["mulan.npy"] for s in samples])).float()).numpy()
+    # batched text embeddings differ from these in the last bits, which can flip a near-tied code
+    assert (got == want).mean() > 0.95 and (got == want).all(axis=(1, 2)).mean() >= 0.75
+    assert (got == audio).mean() < 0.9  # not the audio embedding's tokens
+    index = json.loads(storage.read_bytes(storage.join(summary["out_dir"], "index.json")))
+    assert index["fingerprints"]["quantizer"]["source"] == "text"
+
+
 def test_disk_full_names_the_output_folder():
     """A write that fails with ENOSPC inside a Ray task reaches the driver wrapped (RayTaskError
     keeps the text): the job's last line names the folder that ran out of space."""

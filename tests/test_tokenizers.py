@@ -300,6 +300,37 @@ def test_bundle_tokenize_matches_shard_contract(tiny_config):
     assert fps["quantizer"]["namespaces"] == ["semantic", "coarse", "fine"] and fps["quantizer"]["levels"] == 4
 
 
+def test_bundle_text_sourced_conditioning(tiny_config):
+    """quantizer.source: text -> cond.npy quantizes the caption's MuLaN text embedding (what generation
+    quantizes), mulan.npy stays the audio embedding; the source is in the fingerprint."""
+    import torch
+
+    audio_bundle = build_tokenizers(tiny_config)
+    cfg = dict(tiny_config, quantizer=dict(path=tiny_config["quantizer"], source="text"))
+    bundle = build_tokenizers(cfg)
+    assert bundle.cond_source == "text" and audio_bundle.cond_source == "audio"
+    wav = sine_batch(2, 2.0, 24_000)
+    captions = ["dark trap beat, 70 BPM", "dusty boom bap loop, 92 BPM"]
+    out = bundle.tokenize(wav, captions=captions)
+    ref = audio_bundle.tokenize(wav)
+    with torch.inference_mode():
+        text = bundle.embedder.embed_text(captions).float().to(torch.float16).float()
+    for i, sample in enumerate(out):
+        np.testing.assert_array_equal(sample["cond.npy"], bundle.quantizer.encode(text[i : i + 1])[0].numpy())
+        np.testing.assert_array_equal(sample["mulan.npy"], ref[i]["mulan.npy"])  # still the audio embedding
+        np.testing.assert_array_equal(sample["semantic.npy"], ref[i]["semantic.npy"])
+    assert bundle.fingerprints()["quantizer"]["source"] == "text"
+    assert "source" not in audio_bundle.fingerprints()["quantizer"]  # audio fingerprints unchanged
+    with pytest.raises(ValueError, match="caption"):
+        bundle.tokenize(wav)
+    with pytest.raises(ValueError, match="empty at positions \\[1\\]"):
+        bundle.tokenize(wav, captions=["a beat", " "])
+    assert list(bundle.tokenize(wav[:1], entries=["semantic.npy"])[0]) == ["semantic.npy"]  # no caption needed
+    lyrics = build_tokenizers(dict(tiny_config, quantizer=dict(path=tiny_config["quantizer"], source="lyrics")))
+    with pytest.raises(ValueError, match="quantizer.source"):
+        lyrics.tokenize(wav, captions=captions)
+
+
 def test_bundle_partial_and_new_quantizer(tiny_config):
     cfg = dict(tiny_config)
     cfg.pop("quantizer")
