@@ -3,7 +3,8 @@
 #   DEMO_SCALE=small (200 clips, default) or full (1,000 clips: the first user's corpus size)
 #   DEMO_MINUTES=N   wall-clock training budget of every model (train.max_minutes; default: 3 for
 #                    MuLaN and the codec, side by side, and 2.5 for each stage LM, so that the whole
-#                    demo fits 20 minutes on 2 cores); DEMO_STAGE_MINUTES=N sets the stage LMs' alone
+#                    demo fits 20 minutes on 2 cores); DEMO_STAGE_MINUTES=N sets the stage LMs' alone,
+#                    DEMO_SEMANTIC_MINUTES / DEMO_COARSE_MINUTES / DEMO_FINE_MINUTES one stage's
 #   DEMO_GEN_SECONDS=N  seconds generated per held-out caption at the end (default 5)
 #   DEMO_EVAL_CAPTIONS=N held-out captions generated and evaluated at the end (default 8)
 #   DEMO_UNTIL=N     stop after step N (e.g. 3: the trained MuLaN and codec); rerun to go on
@@ -110,7 +111,8 @@ echo "token layout of $TOKENS: ${LAYOUT[*]}"
 # resuming checkpoints trained on other tokens (the engine refuses that)
 RUNS=runs/demo/$(basename "$TOKENS")
 for stage in semantic coarse fine; do
-  train "$stage" "launch/configs/$stage.yaml" 2 "$RUNS/$stage" "$STAGE_MINUTES" --shards "$TOKENS" --set "${LAYOUT[@]}"
+  budget_var="DEMO_${stage^^}_MINUTES"
+  train "$stage" "launch/configs/$stage.yaml" 2 "$RUNS/$stage" "${!budget_var:-$STAGE_MINUTES}" --shards "$TOKENS" --set "${LAYOUT[@]}"
   echo "loss curves: $RUNS/$stage/loss.png"
 done
 
