@@ -184,6 +184,12 @@ def _eval_tempo(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _eval_chain(args: argparse.Namespace) -> int:
+    from musiclm.eval.chain import run_from_args
+
+    return run_from_args(args)
+
+
 def _eval_codec(args: argparse.Namespace) -> int:
     from musiclm.eval.codec import run_from_args
 
@@ -386,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     from musiclm.eval import tempo
 
     tempo.add_arguments(p)
+    p = add(
+        "chain",
+        _eval_chain,
+        "where the caption is lost: style and tempo probes on MuLaN embeddings and tokens, on generated "
+        "semantic tokens (BPM sweep, temperature x cond_scale grid) and on decoded audio",
+        ev_sub,
+    )
+    from musiclm.eval import chain
+
+    chain.add_arguments(p)
     p = add("codec", _eval_codec, "codec reconstruction per level count vs EnCodec and low-pass baselines", ev_sub)
     from musiclm.eval import codec as codec_eval
 

@@ -187,9 +187,9 @@ def summarize(pred: Sequence[float], true: Sequence[float]) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def load_token_items(shards: str, split: str) -> list[dict]:
+def load_token_items(shards: str, split: str, with_mulan: bool = False) -> list[dict]:
     """Samples of a token-shard split: {"key", "semantic" int64 [T], "cond" int64 [ns, K],
-    "caption", "bpm", "style"} in key order."""
+    "caption", "bpm", "style"} in key order (``with_mulan``: and "mulan", the float32 embedding)."""
     from musiclm.data.shards import shard_reader
     from musiclm.eval.retrieval import bpm_of, tag_of
 
@@ -207,6 +207,8 @@ def load_token_items(shards: str, split: str) -> list[dict]:
                 "style": tag_of(js, "style"),
             }
         )
+        if with_mulan:
+            items[-1]["mulan"] = np.asarray(s["mulan.npy"], dtype=np.float32)
     items.sort(key=lambda it: it["key"])
     return items
 
