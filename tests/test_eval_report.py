@@ -104,6 +104,27 @@ def test_style_classifier_separates_synthetic_styles():
         train_classifier(x_tr, ["a"] * len(x_tr))
 
 
+def test_fad_by_style_prefers_the_captions_style():
+    from musiclm.eval.report import fad_by_style
+
+    rng = np.random.default_rng(0)
+    centre = {"a": 0.0, "b": 3.0}
+
+    def clip(style):
+        return centre[style] + rng.standard_normal((5, 4))
+
+    real_style = ["a", "b"] * 10
+    real = [clip(s) for s in real_style]
+    gen_style = ["a", "b"] * 6
+    gen = [{"segments": clip(s)} for s in gen_style]  # generations that follow their caption's style
+    r = fad_by_style(real, real_style, gen, gen_style)
+    assert set(r["per_style"]) == {"a", "b"} and r["styles_below"] == 2
+    assert r["per_style"]["a"]["generated_clips"] == 6 and r["matched_mean"] < r["other_style_mean"] / 5
+    ignored = [{"segments": clip("a")} for _ in gen_style]  # every caption gives style a
+    r2 = fad_by_style(real, real_style, ignored, gen_style)
+    assert r2["per_style"]["b"]["matched"] > r2["per_style"]["b"]["other_style"] / 2  # no gain for style b
+
+
 def test_unigram_entropy_of_shards(tmp_path):
     from test_package import TOKENS
 

@@ -518,6 +518,12 @@ def render_markdown(r: dict) -> str:
             f"MCC: generated {_ci(m.get('first'), '.3f')}, other caption {_ci(m.get('shuffled'), '.3f')}, "
             f"real {_ci(m.get('real'), '.3f')}, real shuffled {_ci(m.get('real_shuffled'), '.3f')}."
         )
+    if l3.get("fad"):
+        f = l3["fad"]
+        out.append(
+            f"FAD within a style (musicnn): captions of the style {f['matched_mean']:.2f}, captions of other styles "
+            f"{f['other_style_mean']:.2f} ({f['styles_below']} of {len(f['per_style'])} styles below)."
+        )
     if l3.get("bpm_sweep_audio"):
         a = l3["bpm_sweep_audio"]
         out.append(

@@ -588,6 +588,9 @@ def evaluate_report(
                 real_seg, [f["segments"] for f in fs], n_boot=min(n_boot, 200), seed=seed, floor=name == "first"
             )
     metrics["fad"] = fad
+    metrics["fad_by_style"] = fad_by_style(
+        real_seg, [it.labels.get("style") for it in real_used], first, [r["labels"].get("style") for r in recs], seed
+    )
     timings["fad"] = time.perf_counter() - t0
 
     # -- first table: trivial baselines
@@ -666,6 +669,37 @@ def evaluate_report(
     report["files"].update(markdown=os.path.join(out, "report.md"), json=os.path.join(out, "report.json"))
     storage.write_json_atomic(os.path.join(out, "report.json"), _jsonable(report), indent=1)
     return report
+
+
+def fad_by_style(real_seg: list, real_style: list, gen_feats: list[dict], gen_style: list, seed: int = 0) -> dict:
+    """FAD of the generations for captions of a style against the real clips of that style, next
+    to as many generations for captions of other styles against the same real clips (equal N: FAD
+    falls as sets grow). Below it = the caption's style reached the audio. Per style and the mean."""
+    from musiclm.eval.fad import fad_score
+
+    rng = np.random.default_rng(seed)
+    per: dict[str, Any] = {}
+    for s in sorted({x for x in real_style if x is not None}):
+        rs = [real_seg[i] for i, x in enumerate(real_style) if x == s]
+        gm = [gen_feats[i]["segments"] for i, x in enumerate(gen_style) if x == s]
+        go = [gen_feats[i]["segments"] for i, x in enumerate(gen_style) if x is not None and x != s]
+        if len(rs) < 2 or len(gm) < 2 or len(go) < len(gm):
+            continue
+        go = [go[i] for i in sorted(rng.choice(len(go), len(gm), replace=False))]
+        per[s] = {
+            "matched": round(fad_score(rs, gm), 3),
+            "other_style": round(fad_score(rs, go), 3),
+            "real_clips": len(rs),
+            "generated_clips": len(gm),
+        }
+    if not per:
+        return {}
+    return {
+        "per_style": per,
+        "matched_mean": round(float(np.mean([v["matched"] for v in per.values()])), 3),
+        "other_style_mean": round(float(np.mean([v["other_style"] for v in per.values()])), 3),
+        "styles_below": int(sum(v["matched"] < v["other_style"] for v in per.values())),
+    }
 
 
 def _nan(values: Sequence) -> list[float]:
@@ -873,6 +907,24 @@ def render_markdown(r: dict) -> str:
                 f"{fl['halves'][1]['clips']} / {fl['halves'][1]['segments']} |"
             )
         lines += ["", "FAD grows as sets shrink: compare rows at equal N, read KID for small sets.", ""]
+    fs = met.get("fad_by_style") or {}
+    if fs:
+        lines += [
+            "FAD within a style: generations for captions of the style vs as many for captions of other styles, "
+            "both against the real clips of the style (lower = closer):",
+            "",
+            "| style | captions of the style | captions of other styles | real / generated clips |",
+            "|---|---:|---:|---:|",
+        ]
+        for s, d in fs["per_style"].items():
+            lines.append(
+                f"| {s} | {d['matched']:.2f} | {d['other_style']:.2f} | {d['real_clips']} / {d['generated_clips']} |"
+            )
+        lines += [
+            f"| mean | {fs['matched_mean']:.2f} | {fs['other_style_mean']:.2f} | "
+            f"{fs['styles_below']} of {len(fs['per_style'])} styles below |",
+            "",
+        ]
     lines += ["### Memorization", ""]
     if r.get("memorization"):
         lines += memorization_table(r["memorization"]) + ["", f"From `{r.get('memorization_source')}`.", ""]
