@@ -8,6 +8,8 @@
 #   DEMO_GEN_SECONDS=N  seconds generated per held-out caption at the end (default 5)
 #   DEMO_EVAL_CAPTIONS=N held-out captions generated and evaluated at the end (default 8)
 #   DEMO_UNTIL=N     stop after step N (e.g. 3: the trained MuLaN and codec); rerun to go on
+#   DEMO_CHAIN=0|1   end with `musiclm eval chain` (style and tempo at each link, BPM sweep,
+#                    temperature x cond_scale grid; ~10 min): default 1 at full scale, 0 at small
 # Every step is resumable: rerunning skips finished shards and resumes training from checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +20,8 @@ case "${DEMO_SCALE:-small}" in
   # CODEC_STEPS: the codec's cosine horizon (train.max_steps). At 1,000 clips the budget is set so
   # that MuLaN (300 steps, launch/configs/mulan.yaml) and the codec stop at their step caps, not
   # at the wall clock: a rerun then resumes instead of training another budget on top
-  small) CLIPS=200 CODEC_STEPS=1000 ;;
-  full)  CLIPS=1000 CODEC_STEPS=2800 ;;
+  small) CLIPS=200 CODEC_STEPS=1000 CHAIN=${DEMO_CHAIN:-0} ;;
+  full)  CLIPS=1000 CODEC_STEPS=2800 CHAIN=${DEMO_CHAIN:-1} ;;
   *) echo "DEMO_SCALE must be small or full, got '${DEMO_SCALE}'" >&2; exit 2 ;;
 esac
 MINUTES=${DEMO_MINUTES:-3}
@@ -135,6 +137,11 @@ musiclm eval report --model "$PACKAGE" --manifest "$DATA/manifest.jsonl" --capti
   --num-samples 4 --duration "$GEN_SECONDS" --out runs/demo/report --workers 2 \
   --codec-eval runs/demo/codec/eval/codec_eval.json --retrieval runs/demo/mulan/eval/retrieval.json \
   --memorization runs/demo/eval/memorization/memorization.json --threads 1 | tail -n 40
+if [ "$CHAIN" = 1 ]; then
+  # Where along caption -> MuLaN -> conditioning tokens -> semantic tokens -> audio is the caption lost?
+  musiclm eval chain --model "$PACKAGE" --shards "$TOKENS" --report runs/demo/report/report.json \
+    --out runs/demo/chain --audio-sweep-samples 2 --audio-seconds 6 --threads 1 | tail -n 60
+fi
 
 close_step
 printf '\n=== [%4ds] done: wall time and steps per model\n' "$SECONDS"
