@@ -93,6 +93,15 @@ def test_chain_end_to_end(tmp_path):
     assert "## 1. MuLaN embedding" in md and "| 0.5 | 3 |" in md
     assert (out / "chain.png").stat().st_size > 1000
 
+    # another semantic stage (an exported run) and the package's quantizer passed explicitly
+    sem = str(tmp_path / "semantic" / "model.safetensors")
+    quant = os.path.join(package, "tokenizers", "quantizer")
+    args2 = ["eval", "chain", "--model", package, "--shards", str(shards), "--out", str(tmp_path / "chain2")]
+    args2 += ["--semantic", sem, "--quantizer", quant, "--grid-items", "2", "--temperatures", "1", "--cond-scales", "3"]
+    assert main(args2 + ["--sweep-samples", "1", "--max-items", "4"]) == 0
+    r2 = json.loads((tmp_path / "chain2" / "chain.json").read_text())
+    assert r2["semantic_model"] == sem and r2["quantizer"] == os.path.abspath(quant) and r2["items"] == 4
+
     # shards without style / bpm labels: refused with the folder named
     from test_package import TOKENS
 

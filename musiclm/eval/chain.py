@@ -218,9 +218,13 @@ def evaluate_chain(
     t_all = time.perf_counter()
     lm = MusicLM.from_pretrained(model)
     stage, sem_model = lm.stages["semantic"]
-    if semantic:
+    if semantic:  # its own token layout (e.g. another conditioning codebook), from its metadata
         from musiclm.lm.model import load_stage_model
+        from musiclm.lm.stages import get_stage
+        from musiclm.weights import load_exported
 
+        _, meta = load_exported(semantic)
+        stage = get_stage("semantic", meta.get("tokens") or {}, meta.get("window_seconds"))
         sem_model = load_stage_model(semantic).eval()
     quant = lm.tokenizers.quantizer
     if quantizer:
