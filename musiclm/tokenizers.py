@@ -58,6 +58,7 @@ __all__ = [
     "BundleMismatch",
     "TokenizerBundle",
     "build_tokenizers",
+    "cond_source_of",
     "load_bundle",
     "resample",
 ]
@@ -102,6 +103,14 @@ def _quantizer_section(q: Any) -> dict:
     return dict(q)
 
 
+def cond_source_of(quantizer_section: Any) -> str:
+    """``source`` of a ``tokenizers.quantizer`` config section (default ``"audio"``), validated."""
+    src = _quantizer_section(quantizer_section).get("source", "audio")
+    if src not in COND_SOURCES:
+        raise ValueError(f"tokenizers.quantizer.source must be one of {COND_SOURCES}, got {src!r}")
+    return src
+
+
 @dataclass
 class TokenizerBundle:
     """The acoustic, semantic, MuLaN and quantizer tokenizers of one configuration."""
@@ -136,10 +145,7 @@ class TokenizerBundle:
     @property
     def cond_source(self) -> str:
         """What ``cond.npy`` quantizes: ``"audio"`` (default) or ``"text"`` (the caption's embedding)."""
-        src = _quantizer_section(self.config.get("quantizer")).get("source", "audio")
-        if src not in COND_SOURCES:
-            raise ValueError(f"tokenizers.quantizer.source must be one of {COND_SOURCES}, got {src!r}")
-        return src
+        return cond_source_of(self.config.get("quantizer"))
 
     def frame_rates(self) -> dict:
         out = {}

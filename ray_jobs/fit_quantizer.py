@@ -101,7 +101,7 @@ def _add_arguments(p) -> None:
 
 def _setup(job: Job) -> None:
     from musiclm.mulan import build_embedder
-    from musiclm.tokenizers import build_tokenizers
+    from musiclm.tokenizers import cond_source_of
 
     args, cfg = job.args, job.cfg
     tok = tokenizers_section(cfg)
@@ -117,7 +117,7 @@ def _setup(job: Job) -> None:
     job.segment_seconds = float(args.segment_seconds or cfg.get("segment_seconds") or 10.0)
     mulan_cfg = dict(tok["mulan"])
     job.sample_rate = int(build_embedder(mulan_cfg).sample_rate)
-    source = build_tokenizers({"quantizer": q}).cond_source  # validated: audio | text
+    source = cond_source_of(q)  # validated: audio | text
     job.describe = f"embedder {mulan_cfg.get('type', 'clap')} at {job.sample_rate} Hz, {source} embeddings -> {out}"
     job.data.update(out=out, quantizer_cfg=q, mulan_cfg=mulan_cfg, source=source)
 
