@@ -104,7 +104,8 @@ python ray_jobs/tokenize.py --manifest "$DATA/manifest.jsonl" --config "$TOK" --
 TOKENS=$(ls -td shards/rapbeats/tokens-*/ | head -n 1); TOKENS=${TOKENS%/}  # the newest: this run's tokenizers
 musiclm shards verify "$TOKENS" | head -n 30
 
-step "6. stage transformers: semantic, coarse, fine (deepspeed, 2 processes, ${STAGE_MINUTES} min each)"
+step "6. stage transformers: semantic, coarse, fine (deepspeed, 2 processes, \
+${DEMO_SEMANTIC_MINUTES:-$STAGE_MINUTES} / ${DEMO_COARSE_MINUTES:-$STAGE_MINUTES} / ${DEMO_FINE_MINUTES:-$STAGE_MINUTES} min)"
 # the token layout the shards' tokenizers fix (e.g. the conditioning vocabulary is the fitted
 # quantizer's: codebook_size: auto in $TOK)
 read -r -a LAYOUT <<< "$(musiclm shards layout "$TOKENS" --as-set)"
