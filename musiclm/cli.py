@@ -135,9 +135,15 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _package(args: argparse.Namespace) -> int:
+    from musiclm.generate import sampling_overrides
     from musiclm.package import PACKAGE_FILE, package_model
 
     card = {k: v for k, v in (("license", args.license), ("name", args.name)) if v}
+    if args.sampling_note:
+        card["sampling_note"] = args.sampling_note
+    sampling = sampling_overrides(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale
+    )
     out = package_model(
         semantic=args.semantic,
         coarse=args.coarse,
@@ -147,6 +153,7 @@ def _package(args: argparse.Namespace) -> int:
         out=args.out,
         tokens_dir=args.tokens,
         extra_card=card,
+        sampling=sampling,
     )
     from musiclm.data import storage
 
@@ -369,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", default=None, help="token shard folder the stages trained on (for the model card)")
     p.add_argument("--license", default=None, help="license field of the model card (default: unspecified)")
     p.add_argument("--name", default=None, help="model name in the card (default: the folder name)")
+    for flag in ("--temperature", "--top-k", "--top-p", "--cond-scale"):  # the package's sampling defaults
+        p.add_argument(flag, default=None, help="default for generation: VALUE (every stage) or semantic=V,coarse=V")
+    p.add_argument("--sampling-note", default=None, help="why the sampling defaults differ (model card)")
 
     ev = sub.add_parser("eval", help="evaluation families")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)

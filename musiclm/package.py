@@ -79,6 +79,26 @@ SAMPLING_SOURCE = (
     "(the paper samples the full distribution); cond_scale 3.0: MusicGen (arXiv 2306.05284), the paper has no CFG"
 )
 
+
+def package_sampling(overrides: dict | None = None, note: str | None = None) -> dict:
+    """``package.json``'s ``sampling``: :data:`SAMPLING_DEFAULTS` with per-stage ``overrides``
+    (unknown stages or keys refused) and where each value comes from."""
+    out = copy.deepcopy(SAMPLING_DEFAULTS)
+    changed = []
+    for stage, values in (overrides or {}).items():
+        if stage not in out:
+            raise ValueError(f"sampling: unknown stage {stage!r} (stages: {', '.join(out)})")
+        for key, value in (values or {}).items():
+            if key not in out[stage]:
+                raise ValueError(f"sampling.{stage}: unknown setting {key!r} (settings: {', '.join(out[stage])})")
+            out[stage][key] = value
+            changed.append(f"{stage}.{key}={value}")
+    source = SAMPLING_SOURCE
+    if changed:
+        source += "; set at packaging: " + ", ".join(changed) + (f" ({note})" if note else "")
+    return {**out, "source": source}
+
+
 # TokenLayout fields each stage's vocabulary depends on (a stage ignores the streams it never sees)
 _COND = ("cond_levels", "cond_codebook", "cond_namespaces")
 _SEM = ("semantic_vocab", "semantic_rate")
@@ -416,6 +436,7 @@ def package_model(
     codec: str | None = None,
     tokens_dir: str | None = None,
     extra_card: dict | None = None,
+    sampling: dict | None = None,
 ) -> str:
     """Write a package directory ``out`` (local path or ``s3://...``) and return ``out``.
 
@@ -426,6 +447,9 @@ def package_model(
     bundle's acoustic tokenizer. ``tokens_dir``: the token shard folder the stages trained on (its
     index.json and manifest go into the model card; default: read from the runs' config.yaml).
     ``extra_card``: more model-card fields (``license``, ``name``, ``intended_use``, ``notes``).
+    ``sampling``: per-stage overrides of :data:`SAMPLING_DEFAULTS` stored as the package's defaults
+    (e.g. ``{"semantic": {"cond_scale": 6.0}}``, chosen from a ``musiclm eval chain`` grid), with
+    ``sampling_note`` in ``extra_card`` saying why.
     Refuses parts that disagree (:class:`PackageMismatch`) before anything is written."""
     extra_card = dict(extra_card or {})
     out = os.fspath(out)
@@ -501,7 +525,7 @@ def package_model(
             },
             "fingerprints": saved_fps,
             "fingerprint_hash": canonical_hash(saved_fps, 10),
-            "sampling": {**copy.deepcopy(SAMPLING_DEFAULTS), "source": SAMPLING_SOURCE},
+            "sampling": package_sampling(sampling, extra_card.get("sampling_note")),
             "data": _data_record([d for d in run_dirs.values() if d], tokens_dir),
         }
         storage.write_json_atomic(os.path.join(tmp, PACKAGE_FILE), doc, indent=1, default=str)

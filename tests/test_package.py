@@ -338,13 +338,27 @@ def test_cli_package(parts, tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "musiclm.cli", "package", "--semantic", s["semantic"],
          "--coarse", os.path.dirname(s["coarse"]), "--fine", s["fine"], "--tokenizers", parts["bundle"],
-         "--out", out, "--license", "mit"],
+         "--out", out, "--license", "mit", "--cond-scale", "semantic=6", "--temperature", "0.9",
+         "--sampling-note", "chosen from the grid"],
         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout)
     assert summary["out"] == out and summary["stages"]["coarse"]["step"] == 7 and summary["license"] == "mit"
     assert os.path.isfile(os.path.join(out, PACKAGE_FILE))
+    # the sampling defaults set at packaging are what generation starts from
+    from musiclm.generate import MusicLM
+
+    lm = MusicLM.from_pretrained(out)
+    assert lm.default_sampling["semantic"].cond_scale == 6.0 and lm.default_sampling["coarse"].cond_scale == 3.0
+    assert all(lm.default_sampling[n].temperature == 0.9 for n in ("semantic", "coarse", "fine"))
+    doc = json.load(open(os.path.join(out, PACKAGE_FILE)))
+    source = doc["sampling"]["source"]
+    assert "semantic.cond_scale=6.0" in source and "chosen from the grid" in source
+    from musiclm.package import package_sampling
+
+    with pytest.raises(ValueError, match="unknown setting 'beam'"):
+        package_sampling({"semantic": {"beam": 4}})
 
 
 # ---------------------------------------------------------------------------------------------- --init_from
