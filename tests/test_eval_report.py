@@ -125,6 +125,19 @@ def test_fad_by_style_prefers_the_captions_style():
     assert r2["per_style"]["b"]["matched"] > r2["per_style"]["b"]["other_style"] / 2  # no gain for style b
 
 
+def test_spread_check_catches_identical_generations():
+    from musiclm.eval.report import spread_check
+
+    rng = np.random.default_rng(0)
+    real = [rng.standard_normal((5, 8)) + rng.standard_normal(8) for _ in range(20)]
+    varied = [rng.standard_normal((5, 8)) + rng.standard_normal(8) for _ in range(8)]
+    one = rng.standard_normal((5, 8))
+    same = [one + 1e-4 * rng.standard_normal((5, 8)) for _ in range(8)]  # a decoder that ignores its codes
+    ok, bad = spread_check(real, varied), spread_check(real, same)
+    assert ok["passed"] and 0.5 < ok["value"] < 1.5
+    assert not bad["passed"] and bad["value"] < 0.01 and bad["baseline"] == 0.0
+
+
 def test_unigram_entropy_of_shards(tmp_path):
     from test_package import TOKENS
 

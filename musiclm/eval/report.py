@@ -620,6 +620,8 @@ def evaluate_report(
                 "why_not": "no --codec-eval JSON; `musiclm eval codec --out DIR` writes DIR/codec_eval.json",
             }
         )
+    if len(first) >= 2:
+        checks.append(spread_check([f["segments"] for f in real_feats], [f["segments"] for f in first]))
     timings["baselines"] = time.perf_counter() - t0
 
     mem = None
@@ -669,6 +671,33 @@ def evaluate_report(
     report["files"].update(markdown=os.path.join(out, "report.md"), json=os.path.join(out, "report.json"))
     storage.write_json_atomic(os.path.join(out, "report.json"), _jsonable(report), indent=1)
     return report
+
+
+SPREAD_MIN = 0.1  # generated spread / real spread below this: every caption decodes to nearly the same audio
+
+
+def spread_check(real_segments: list, gen_segments: list) -> dict:
+    """Do the generations differ from one another as real clips do? The spread of a set is the
+    mean standard deviation over clips of its clip features (musicnn mean/std over 1-s segments),
+    standardised by the real clips' statistics, so real clips have about 1 and a set of one clip
+    repeated 0 (the trivial baseline: a decoder that ignores its codes). Passes above
+    :data:`SPREAD_MIN` x the real spread."""
+    from musiclm.eval.style import clip_features
+
+    real = np.stack([clip_features(x) for x in real_segments])
+    gen = np.stack([clip_features(x) for x in gen_segments])
+    mu, sd = real.mean(0), real.std(0) + 1e-8
+    spread_real = float(((real - mu) / sd).std(0).mean())
+    spread_gen = float(((gen - mu) / sd).std(0).mean())
+    ratio = spread_gen / max(spread_real, 1e-12)
+    return {
+        "model": "generation (stages + codec)",
+        "check": f"spread of generated clips / of real clips > {SPREAD_MIN:g} (musicnn)",
+        "value": ratio,
+        "baseline": 0.0,
+        "detail": {"generated": spread_gen, "real": spread_real, "generated_clips": len(gen), "real_clips": len(real)},
+        "passed": bool(ratio > SPREAD_MIN),
+    }
 
 
 def fad_by_style(real_seg: list, real_style: list, gen_feats: list[dict], gen_style: list, seed: int = 0) -> dict:
