@@ -232,3 +232,27 @@ def test_code_usage_catches_a_collapsed_codebook(tiny_codec_and_shards, capsys):
     assert "Codes used on these clips" in capsys.readouterr().out
     assert main([*argv, "--min-perplexity", "1e6"]) == 1
     assert "FAIL: level 1: code perplexity" in capsys.readouterr().err
+
+
+def test_codes_matter_catches_a_decoder_that_ignores_its_codes(tiny_codec_and_shards, monkeypatch):
+    """Each clip decoded from another clip's codes: a decoder that ignores its codes (every
+    generation then decodes to the same audio, yet it can pass the mel and perplexity gates) gives
+    the same log-mel L1 as from the clip's own codes, and ``--max-codes-ratio`` fails on it."""
+    from musiclm.codec.soundstream import SoundStreamTokenizer
+
+    model_dir, shards, _ = tiny_codec_and_shards
+    res = codec_eval.evaluate_codec(model_dir, shards, encodec="none", lowpass_hz=(), tempo=False, plot=False)
+    cm = res["codes_matter"]
+    assert cm["clips"] == 2 and cm["ratio"] < 1.0 - 1e-5  # random weights: other codes, other (worse) audio
+    assert codec_eval.require_codes_matter(res, 1.0) == []
+
+    real_decode = SoundStreamTokenizer.decode
+
+    def ignore_codes(self, codes):
+        return real_decode(self, torch.zeros_like(codes))
+
+    monkeypatch.setattr(SoundStreamTokenizer, "decode", ignore_codes)
+    res = codec_eval.evaluate_codec(model_dir, shards, encodec="none", lowpass_hz=(), tempo=False, plot=False)
+    assert res["codes_matter"]["ratio"] == pytest.approx(1.0, abs=1e-6)
+    fails = codec_eval.require_codes_matter(res, 0.9999)
+    assert len(fails) == 1 and "ignores its codes" in fails[0]

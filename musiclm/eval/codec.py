@@ -301,6 +301,8 @@ def evaluate_codec(
         per_clip_ids = []
         code_hist = np.zeros((levels, int(tok.codebook_size)), dtype=np.int64)  # code usage per level
         first: dict[str, torch.Tensor] = {}
+        own_vs_other: list[tuple[float, float]] = []  # log-mel L1 with the clip's codes / the previous clip's
+        prev_codes = None
         for ci, clip in enumerate(clips):
             wav = clip["wav"][None]
             n = tok.num_frames(wav.shape[-1])
@@ -309,6 +311,13 @@ def evaluate_codec(
             codes = tok.encode(ref)
             for q in range(levels):
                 code_hist[q] += np.bincount(codes[0, q].reshape(-1).numpy(), minlength=code_hist.shape[1])
+            if prev_codes is not None and prev_codes.shape[-1] >= codes.shape[-1]:
+                # the same clip decoded from another clip's codes: a decoder that ignores its codes
+                # does as well with them as with the clip's own
+                own = clip_metrics(ref, tok.decode(codes), sr, mel_loss)["mel_l1"]
+                other = clip_metrics(ref, tok.decode(prev_codes[..., : codes.shape[-1]]), sr, mel_loss)["mel_l1"]
+                own_vs_other.append((float(own[0]), float(other[0])))
+            prev_codes = codes
             enc_codes = None
             for i, r in enumerate(rows):
                 if r["system"] == name:
@@ -366,6 +375,7 @@ def evaluate_codec(
             "preset": (getattr(getattr(tok, "model", None), "cfg", {}) or {}).get("preset"),
         },
         "code_usage": code_usage(code_hist),
+        "codes_matter": _codes_matter(own_vs_other),
         "clips": len(clips),
         "clip_ids": per_clip_ids,
         "audio_seconds": float(sum(c["wav"].shape[-1] for c in clips) / sr),
@@ -395,6 +405,30 @@ def evaluate_codec(
             json.dump(result, f, indent=2, default=str)
     result["seconds_taken"] = round(time.time() - t0, 2)
     return result
+
+
+def _codes_matter(pairs: list[tuple[float, float]]) -> dict:
+    """Log-mel L1 of each clip decoded from its own codes and from the previous clip's (all levels):
+    ``ratio`` = own / other, about 1 when the decoder ignores its codes."""
+    if not pairs:
+        return {"clips": 0, "ratio": None}
+    own, other = (float(np.mean([p[i] for p in pairs])) for i in (0, 1))
+    return {"clips": len(pairs), "own_codes_mel_l1": own, "other_clip_codes_mel_l1": other, "ratio": own / other}
+
+
+def require_codes_matter(result: dict, max_ratio: float) -> list[str]:
+    """Failures unless the clips decode clearly better from their own codes than from another
+    clip's (log-mel L1 ratio at most ``max_ratio``)."""
+    cm = result.get("codes_matter") or {}
+    if cm.get("ratio") is None:
+        return ["codes matter: needs at least 2 eval clips of equal length"]
+    if cm["ratio"] <= max_ratio:
+        return []
+    return [
+        f"the decoder ignores its codes: log-mel L1 {cm['own_codes_mel_l1']:.3f} from the clips' own codes vs "
+        f"{cm['other_clip_codes_mel_l1']:.3f} from another clip's (ratio {cm['ratio']:.2f} > {max_ratio:g}): "
+        f"every generation would decode to about the same audio"
+    ]
 
 
 def code_usage(hist: np.ndarray) -> dict:
@@ -568,6 +602,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="exit 1 unless the code perplexity of every coarse level on the eval clips is at least P "
         "(catches a collapsed codebook, which can still beat a random codec's mel distance)",
     )
+    p.add_argument(
+        "--max-codes-ratio",
+        type=float,
+        default=None,
+        metavar="R",
+        help="exit 1 unless log-mel L1 from the clips' own codes is at most R x that from another clip's codes "
+        "(catches a decoder that ignores its codes: ratio about 1)",
+    )
     p.add_argument("--device", default="cpu")
     return p
 
@@ -598,6 +640,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         failures += used
         if not used:
             print(f"codes used: every coarse level's perplexity >= {args.min_perplexity:g}: ok")
+    cm = res.get("codes_matter") or {}
+    if cm.get("ratio") is not None:
+        print(
+            f"codes matter: log-mel L1 {cm['own_codes_mel_l1']:.3f} from own codes vs "
+            f"{cm['other_clip_codes_mel_l1']:.3f} from another clip's (ratio {cm['ratio']:.2f})"
+        )
+    if args.max_codes_ratio is not None:
+        failures += require_codes_matter(res, args.max_codes_ratio)
     for f in failures:
         print(f"FAIL: {f}", file=sys.stderr)
     return 1 if failures else 0
