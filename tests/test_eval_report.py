@@ -138,6 +138,18 @@ def test_spread_check_catches_identical_generations():
     assert not bad["passed"] and bad["value"] < 0.01 and bad["baseline"] == 0.0
 
 
+def test_codec_codes_check():
+    from musiclm.eval.report import codec_codes_check
+
+    cm = {"own_codes_mel_l1": 1.27, "other_clip_codes_mel_l1": 1.27, "ratio": 1.0}  # the decoder ignores its codes
+    res = {"codec": {"type": "soundstream"}, "codes_matter": cm}
+    bad = codec_codes_check(res, "x.json")
+    assert not bad["passed"] and "ignores its codes" in bad["failures"][0] and bad["baseline"] == 1.0
+    res["codes_matter"].update(own_codes_mel_l1=0.6, ratio=0.6 / 1.27)
+    assert codec_codes_check(res, "x.json")["passed"]
+    assert codec_codes_check({"codes_matter": {"clips": 0, "ratio": None}}, "x.json") is None  # older JSON: no row
+
+
 def test_unigram_entropy_of_shards(tmp_path):
     from test_package import TOKENS
 

@@ -276,6 +276,30 @@ def codec_check(result: dict, source: str) -> dict:
     }
 
 
+CODES_RATIO_MAX = 0.95  # log-mel L1 from own codes / from another clip's codes above this: codes ignored
+
+
+def codec_codes_check(result: dict, source: str) -> dict | None:
+    """The codec's decoder uses its codes: each eval clip decoded from its own codes beats the same
+    clip decoded from another clip's (``codes_matter`` of ``musiclm eval codec``; the trivial
+    baseline, a decoder that ignores its codes, scores 1)."""
+    from musiclm.eval.codec import require_codes_matter
+
+    cm = result.get("codes_matter") or {}
+    if cm.get("ratio") is None:
+        return None
+    failures = require_codes_matter(result, CODES_RATIO_MAX)
+    return {
+        "model": f"codec ({(result.get('codec') or {}).get('type')})",
+        "check": f"log-mel L1 own codes / another clip's codes < {CODES_RATIO_MAX:g}",
+        "value": cm["ratio"],
+        "baseline": 1.0,
+        "source": source,
+        "failures": failures,
+        "passed": not failures,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # 2. features of every clip
 # --------------------------------------------------------------------------------------------
@@ -610,7 +634,11 @@ def evaluate_report(
         )
     if codec_eval:
         with open(codec_eval) as f:
-            checks.append(codec_check(json.load(f), codec_eval))
+            codec_result = json.load(f)
+        checks.append(codec_check(codec_result, codec_eval))
+        codes = codec_codes_check(codec_result, codec_eval)
+        if codes is not None:
+            checks.append(codes)
     else:
         checks.append(
             {
