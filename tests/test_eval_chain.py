@@ -75,6 +75,7 @@ def test_chain_end_to_end(tmp_path):
     assert main(args + ["--audio-sweep-samples", "1", "--audio-seconds", "1"]) == 0
     r = json.loads((out / "chain.json").read_text())
     assert r["items"] == 8 and r["train_items"] == 24 and r["chance"] == 0.5
+    assert r["cond_source"] == "audio"  # the shards' quantizer fingerprint has no source: audio
     rows = r["link1"]["rows"]
     assert set(rows) >= {"audio embedding", "text embedding", "text tokens", "training tokens (shards) -> text tokens"}
     for row in rows.values():

@@ -211,6 +211,7 @@ def evaluate_chain(
     replace the package's, e.g. to measure a stage LM trained on other conditioning tokens."""
     import torch
 
+    from musiclm.data.shards import read_index
     from musiclm.eval.retrieval import quantizer_report
     from musiclm.eval.tempo import estimate_token_tempo, following_gain, generate_semantic
     from musiclm.generate import MusicLM
@@ -414,7 +415,8 @@ def evaluate_chain(
         "semantic_model": os.path.abspath(semantic) if semantic else "package",
         "quantizer": os.path.abspath(quantizer) if quantizer else "package",
         "shards": os.path.abspath(shards),
-        "cond_source": lm.tokenizers.cond_source,
+        # what the shards' conditioning tokens quantize (the quantizer fingerprint; absent = audio)
+        "cond_source": ((read_index(shards).get("fingerprints") or {}).get("quantizer") or {}).get("source", "audio"),
         "split": split,
         "items": len(items),
         "train_items": len(train),
@@ -453,7 +455,7 @@ def render_markdown(r: dict) -> str:
         "# Where the caption is lost: style and tempo along the chain",
         "",
         f"{r['items']} held-out samples ({r['split']}), probes fitted on {r['train_items']} training samples; "
-        f"conditioning tokens from the {r['cond_source']} embedding; chance style accuracy {chance:.2f}. "
+        f"the shards' conditioning tokens from the {r['cond_source']} embedding; chance style accuracy {chance:.2f}. "
         "95 % bootstrap intervals in brackets; tempo Spearman within styles.",
         "",
         "## 1. MuLaN embedding -> conditioning tokens (probes)",
