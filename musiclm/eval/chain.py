@@ -170,17 +170,16 @@ def _load_items(shards: str, split: str, max_items: int | None = None) -> list[d
     return items[: int(max_items)] if max_items else items
 
 
-def _tempo_row(seqs, items_bpm, items_style, est, n_boot, seed, classifier=None, vocab=0, items_style_want=None):
+def _token_row(seqs, bpm, styles, est, n_boot, seed, classifier, vocab) -> tuple[dict, np.ndarray]:
+    """Tempo (vs the caption's BPM) and style (token-histogram classifier) of semantic token sequences."""
     from musiclm.eval.tempo import summarize
 
     pred = np.array([est(s) for s in seqs])
     row: dict[str, Any] = {
-        "tempo": summarize(pred, items_bpm),
-        "tempo_spearman_within_style": within_style_spearman(pred, items_bpm, items_style, n_boot, seed),
+        "tempo": summarize(pred, bpm),
+        "tempo_spearman_within_style": within_style_spearman(pred, bpm, styles, n_boot, seed),
+        "style": _accuracy(classifier.predict(token_histograms(seqs, vocab)), styles, n_boot, seed),
     }
-    if classifier is not None:
-        want = items_style if items_style_want is None else items_style_want
-        row["style"] = _accuracy(classifier.predict(token_histograms(seqs, vocab)), want, n_boot, seed)
     return row, pred
 
 
@@ -318,7 +317,7 @@ def evaluate_chain(
         )
 
     true_seqs = [it["semantic"][:n_new] for it in items]
-    link2["rows"]["true tokens (ceiling)"], _ = _tempo_row(true_seqs, bpm, styles, est, n_boot, seed, clf_tok, vocab)
+    link2["rows"]["true tokens (ceiling)"], _ = _token_row(true_seqs, bpm, styles, est, n_boot, seed, clf_tok, vocab)
     runs = {
         "caption": text_codes,
         "other caption": np.roll(text_codes, shift, axis=0),
@@ -327,7 +326,7 @@ def evaluate_chain(
     preds = {}
     for name, conds in runs.items():
         seqs = gen(text_codes, cond_scale=0.0) if conds is None else gen(conds)
-        row, preds[name] = _tempo_row(seqs, bpm, styles, est, n_boot, seed, clf_tok, vocab)
+        row, preds[name] = _token_row(seqs, bpm, styles, est, n_boot, seed, clf_tok, vocab)
         link2["rows"][f"generated, {name}"] = row
     link2["tempo_following_gain_folded_bpm"] = following_gain(
         {"pred": preds["caption"].tolist(), "true": bpm.tolist()},
@@ -366,7 +365,7 @@ def evaluate_chain(
     for temp in grid_temperatures:
         for cs in grid_cond_scales:
             seqs = gen(text_codes[:g_items], temperature=float(temp), cond_scale=float(cs))
-            row, _ = _tempo_row(seqs, bpm[:g_items], styles[:g_items], est, n_boot, seed, clf_tok, vocab)
+            row, _ = _token_row(seqs, bpm[:g_items], styles[:g_items], est, n_boot, seed, clf_tok, vocab)
             grid.append({"temperature": float(temp), "cond_scale": float(cs), **row})
     link2["grid"] = {"items": g_items, "cells": grid}
     link2["seconds"] = round(time.perf_counter() - t0, 1)
