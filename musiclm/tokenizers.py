@@ -259,17 +259,19 @@ class TokenizerBundle:
             x = resample(wav, sr, self.semantic.sample_rate)
             ids = self.semantic.encode(x)
             out["semantic.npy"] = _int16(ids, self.semantic.vocab_size, "semantic")
-        if "mulan.npy" in wanted or "cond.npy" in wanted:
+        audio16 = None  # the audio embedding (float16, as stored): for mulan.npy and audio-sourced cond.npy
+        if "mulan.npy" in wanted or ("cond.npy" in wanted and captions is None):
             x = resample(wav, sr, self.embedder.sample_rate)
-            emb = self.embedder.embed_audio(x).float().cpu()
-            emb16 = emb.to(torch.float16)
+            audio16 = self.embedder.embed_audio(x).float().cpu().to(torch.float16)
             if "mulan.npy" in wanted:
-                out["mulan.npy"] = emb16.numpy()
-            if "cond.npy" in wanted:
-                if captions is not None:  # quantizer.source: text
-                    emb16 = self.embedder.embed_text(list(captions)).float().cpu().to(torch.float16)
-                codes = self.quantizer.encode(emb16.float())
-                out["cond.npy"] = codes.cpu().numpy().astype(np.int16)
+                out["mulan.npy"] = audio16.numpy()
+        if "cond.npy" in wanted:
+            if captions is not None:  # quantizer.source: text
+                emb16 = self.embedder.embed_text(list(captions)).float().cpu().to(torch.float16)
+            else:
+                emb16 = audio16
+            codes = self.quantizer.encode(emb16.float())
+            out["cond.npy"] = codes.cpu().numpy().astype(np.int16)
         return out
 
     # ------------------------------------------------------------------ persistence

@@ -311,12 +311,12 @@ def evaluate_codec(
             codes = tok.encode(ref)
             for q in range(levels):
                 code_hist[q] += np.bincount(codes[0, q].reshape(-1).numpy(), minlength=code_hist.shape[1])
+            # the same clip decoded from another clip's codes: a decoder that ignores its codes does as
+            # well with them as with the clip's own (the all-levels row below)
+            other_mel = None
             if prev_codes is not None and prev_codes.shape[-1] >= codes.shape[-1]:
-                # the same clip decoded from another clip's codes: a decoder that ignores its codes
-                # does as well with them as with the clip's own
-                own = clip_metrics(ref, tok.decode(codes), sr, mel_loss)["mel_l1"]
-                other = clip_metrics(ref, tok.decode(prev_codes[..., : codes.shape[-1]]), sr, mel_loss)["mel_l1"]
-                own_vs_other.append((float(own[0]), float(other[0])))
+                other = tok.decode(prev_codes[..., : codes.shape[-1]])
+                other_mel = float(clip_metrics(ref, other, sr, mel_loss)["mel_l1"][0])
             prev_codes = codes
             enc_codes = None
             for i, r in enumerate(rows):
@@ -335,6 +335,8 @@ def evaluate_codec(
                 m = clip_metrics(ref, y, sr, mel_loss)
                 for k, v in m.items():
                     values[i][k].append(float(v[0]))
+                if other_mel is not None and rows[i]["system"] == name and rows[i]["n_levels"] == levels:
+                    own_vs_other.append((float(m["mel_l1"][0]), other_mel))
                 if tempo and clip["bpm"] is not None:
                     kept[i].append(bool(tempo_kept(y[0].numpy(), sr, clip["bpm"])))
             if tempo and clip["bpm"] is not None:
